@@ -1,0 +1,285 @@
+"""The whole InternViT encoder, bottom-up: Embeddings -> Attention -> MLP -> EncoderLayer -> Encoder -> Model.
+
+References:
+    - OpenGVLab/InternVL `modeling_intern_vit.py` (spec/internvit.md §2, [S2]): module names here are the
+      official checkpoint keys, so the official `model.safetensors` loads with `strict=True` and no renaming.
+    - timm `vit_intern300m_patch14_448` and transformers `InternVLVisionModel` compute the same function
+      (spec/peers.md §1-2); the parity tests compare against both.
+
+Differs from the official code:
+    - Attention runs through `F.scaled_dot_product_attention` by default (no flash-attn requirement, works on
+      CPU and in fp32); `attn_implementation="eager"` keeps the official naive path (softmax in the activation
+      dtype, spec §2.3) for bit-closer comparisons.
+    - Drop-path rates are plain Python floats, so the model can be built on the meta device (spec §7.4).
+    - The position-embedding interpolation is skipped when the patch grid is the native one: bicubic at scale 1
+      is the identity (cubic weights 0, 1, 0, 0), so the result is the same and a copy is saved (spec §2.2).
+    - Gradient checkpointing is off unless asked for (the official encoder turns it on in training).
+    - Floating-point pixels are cast to the weight dtype instead of failing (InternVL issue #602).
+
+Shape legend: B batch, N tokens (1 + h*w), C hidden, H heads, D head_dim, h/w patch-grid rows/cols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from internvit.config import InternVisionConfig
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class InternVisionOutput:
+    """What `InternVisionModel.forward` returns.
+
+    Attributes:
+        last_hidden_state: output of the last layer, not normalized, [B, N, C].
+        pooler_output: the raw CLS token of the last layer (no final norm), [B, C].
+        hidden_states: the embedding output then each layer's output (L + 1 tensors), or None.
+    """
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class RMSNorm(nn.Module):
+    """The official InternRMSNorm: normalize in fp32, cast back, then scale (spec §2.5.4)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: InternVisionConfig, dim: int) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return RMSNorm(dim, config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Per-sample stochastic depth, rescaled by 1/keep (timm `DropPath`, inlined: spec §7.10)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.randn(1, config.num_positions, config.hidden_size))
+
+    def _patch_position_embedding(self, h: int, w: int) -> torch.Tensor:
+        pos_1MC = self.position_embedding[:, 1:]
+        if (h, w) == (self.grid_size, self.grid_size):
+            return pos_1MC  # bicubic at scale 1 is the identity (spec §2.2)
+        # Interpolated in fp32 even for bf16 weights, then cast back (spec §2.2, §2.5.2).
+        g = self.grid_size
+        C = pos_1MC.shape[-1]
+        grid_1CGG = pos_1MC.float().reshape(1, g, g, C).permute(0, 3, 1, 2)
+        grid_1Chw = F.interpolate(grid_1CGG, size=(h, w), mode="bicubic", align_corners=False)
+        return grid_1Chw.reshape(1, C, h * w).permute(0, 2, 1).to(pos_1MC.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.patch_embedding.weight.dtype
+        patches_BChw = self.patch_embedding(pixel_values)
+        B, _, h, w = patches_BChw.shape
+        patches_BMC = patches_BChw.flatten(2).transpose(1, 2)  # row-major over (row, col)
+        x_BNC = torch.cat([self.class_embedding.expand(B, 1, -1).to(dtype), patches_BMC], dim=1)
+        pos_1NC = torch.cat([self.position_embedding[:, :1], self._patch_position_embedding(h, w)], dim=1)
+        return x_BNC + pos_1NC.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: InternVisionConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.attn_implementation = attn_implementation
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(C, 3 * C, bias=config.qkv_bias)  # rows [q | k | v], each head-major
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:  # 6B only: RMSNorm over the full width, before the heads split (spec §1)
+            self.q_norm = RMSNorm(C, config.layer_norm_eps)
+            self.k_norm = RMSNorm(C, config.layer_norm_eps)
+        self.proj = nn.Linear(C, C)
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
+        B, N, C = x_BNC.shape
+        H, D = self.num_heads, self.head_dim
+        q_BNC, k_BNC, v_BNC = self.qkv(x_BNC).chunk(3, dim=-1)
+        if self.qk_normalization:
+            q_BNC, k_BNC = self.q_norm(q_BNC), self.k_norm(k_BNC)
+        q_BHND, k_BHND, v_BHND = (t.reshape(B, N, H, D).transpose(1, 2) for t in (q_BNC, k_BNC, v_BNC))
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if self.attn_implementation == "sdpa":
+            o_BHND = F.scaled_dot_product_attention(q_BHND, k_BHND, v_BHND, dropout_p=dropout_p)
+        else:  # the official naive path: softmax in the activation dtype, no fp32 upcast (spec §2.3)
+            attn_BHNN = (q_BHND * self.scale) @ k_BHND.transpose(-2, -1)
+            attn_BHNN = F.dropout(attn_BHNN.softmax(dim=-1), p=dropout_p)
+            o_BHND = attn_BHNN @ v_BHND
+        o_BNC = o_BHND.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(o_BNC))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = nn.GELU()  # exact erf GELU (spec §2.6)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: InternVisionConfig, drop_path: float, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        C = config.hidden_size
+        self.drop_path = drop_path
+        self.attn = Attention(config, attn_implementation)
+        self.mlp = MLP(config)
+        self.norm1 = make_norm(config, C)
+        self.norm2 = make_norm(config, C)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(C))
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `.to(x.dtype)` after the norms matters under autocast (HEAD code, spec §2.5.3).
+        x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path, self.training)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: InternVisionConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        L = config.num_hidden_layers
+        # Plain floats, equal to torch.linspace(0, rate, L) (spec §2.4): safe on the meta device (spec §7.4).
+        rates = [config.drop_path_rate * i / (L - 1) if L > 1 else 0.0 for i in range(L)]
+        self.layers = nn.ModuleList(EncoderLayer(config, rates[i], attn_implementation) for i in range(L))
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        hidden_states = [x] if output_hidden_states else []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, hidden_states
+
+
+class InternVisionModel(nn.Module):
+    """InternViT encoder. `model(pixel_values).last_hidden_state` is [B, 1 + h*w, C]; [B, 1025, 1024] at 448 px.
+
+    Args:
+        config: the architecture (see `internvit.PRESETS` for the 300M, the 6B and a tiny test size).
+        attn_implementation: "sdpa" (default) or "eager" (the official naive softmax path).
+    """
+
+    def __init__(self, config: InternVisionConfig, *, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config, attn_implementation)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.patch_embedding.weight.device
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer in the backward pass (trades compute for activation memory in training)."""
+        self.encoder.gradient_checkpointing = enable
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        pixel_embeds: torch.Tensor | None = None,
+    ) -> InternVisionOutput:
+        """Encode images.
+
+        Args:
+            pixel_values: normalized images [B, 3, H, W]; H and W are cut down to multiples of the patch size.
+                Floating inputs are cast to the weight dtype.
+            output_hidden_states: also return the embedding output and every layer's output.
+            pixel_embeds: precomputed embeddings [B, N, C] that skip the patch embedding (official argument).
+        """
+        if pixel_embeds is not None:
+            x = pixel_embeds
+        else:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values [B, 3, H, W] (or pixel_embeds)")
+            self._check_pixels(pixel_values)
+            x = self.embeddings(pixel_values.to(self.dtype))
+        x, hidden_states = self.encoder(x, output_hidden_states)
+        return InternVisionOutput(
+            last_hidden_state=x,
+            pooler_output=x[:, 0],
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        p = self.config.patch_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
+            raise ValueError(f"pixel_values of {tuple(pixel_values.shape[2:])} px is smaller than one {p}x{p} patch")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating tensor (normalized pixels), got {pixel_values.dtype}")
+
+    @torch.no_grad()
+    def resize_pos_embeddings(self, image_size: int) -> None:
+        """Permanently resample the position embeddings for a new native image size (fp32 bicubic, spec §2.2)."""
+        g = image_size // self.config.patch_size
+        emb = self.embeddings
+        patch = emb._patch_position_embedding(g, g)
+        emb.position_embedding = nn.Parameter(torch.cat([emb.position_embedding[:, :1], patch], dim=1))
+        emb.grid_size = g
+        self.config = self.config.replace(image_size=image_size)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random weights in the spirit of timm's ViT init, every tensor non-trivial.
+
+        The official code has no init (spec §2.4); this one keeps activations at a realistic scale, and gives
+        biases and norm weights random values so that a mis-mapped key cannot hide in tests.
+        """
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith(("ls1", "ls2")):
+                p.fill_(self.config.initializer_factor)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + std * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=generator))

@@ -1,0 +1,37 @@
+"""Pretrained entries: a short name -> the Hub repository that holds the weights and their preprocessing.
+
+References: timm `PretrainedCfg`, open_clip `_pcfg` (STYLE.md §5). Every entry's repository ships a
+`preprocessor_config.json`, which `ImageProcessor.from_pretrained` reads, so weights and preprocessing come from
+one place. The layout of each repository (standalone ViT, InternVL 2.5 chat model with a `vision_model.`
+prefix) is detected when the weights are read (`internvit.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "OpenGVLab/InternViT-300M-448px-V2_5"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainedEntry:
+    repo_id: str
+    revision: str = "main"
+    max_tiles: int = 12  # dynamic tiling budget of the model card (spec §4)
+    description: str = ""
+
+
+REGISTRY: dict[str, PretrainedEntry] = {
+    "internvit-300m-448px-v2_5": PretrainedEntry(
+        repo_id="OpenGVLab/InternViT-300M-448px-V2_5", description="InternViT-300M after InternVL 2.5 Stage 1.5"
+    ),
+    "internvit-300m-448px": PretrainedEntry(
+        repo_id="OpenGVLab/InternViT-300M-448px", description="InternViT-300M v1, distilled from InternViT-6B"
+    ),
+    "internvit-6b-448px-v2_5": PretrainedEntry(repo_id="OpenGVLab/InternViT-6B-448px-V2_5", description="InternViT-6B"),
+    # InternVL 2.5 chat checkpoints: only their `vision_model.` shards are downloaded.
+    "internvl2_5-1b": PretrainedEntry(repo_id="OpenGVLab/InternVL2_5-1B", description="ViT of InternVL2.5-1B"),
+    "internvl2_5-2b": PretrainedEntry(repo_id="OpenGVLab/InternVL2_5-2B", description="ViT of InternVL2.5-2B"),
+    "internvl2_5-4b": PretrainedEntry(repo_id="OpenGVLab/InternVL2_5-4B", description="ViT of InternVL2.5-4B"),
+    "internvl2_5-8b": PretrainedEntry(repo_id="OpenGVLab/InternVL2_5-8B", description="ViT of InternVL2.5-8B"),
+}

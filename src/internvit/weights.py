@@ -1,0 +1,471 @@
+"""From a name, a folder, a file or a Hub repo id to an `InternVisionModel` with its weights, and back to disk.
+
+References:
+    - Official layout: `OpenGVLab/InternViT-300M-448px-V2_5` (config.json, model.safetensors,
+      preprocessor_config.json; spec/internvit.md §1-3). InternVL 2.5 chat checkpoints carry the same keys under
+      `vision_model.`, often sharded with `model.safetensors.index.json` (spec §2.1).
+    - timm `vit_intern300m_patch14_448` and transformers `InternVLVisionModel` keys (spec/peers.md §1-2): the two
+      tables below are the only renames in the project; official checkpoints need none.
+
+Weights are read memory-mapped (safetensors, or `torch.load(mmap=True)` for pickles) in their stored dtype and
+assigned to a model built on the meta device, so a bf16 checkpoint never passes through fp32 in RAM and loading
+costs no copy. The mapping is copy-on-write: training the loaded model never touches the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from internvit.config import PRESETS, InternVisionConfig
+from internvit.model.vision import InternVisionModel
+from internvit.registry import REGISTRY
+
+CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHT_CANDIDATES = ("model.safetensors.index.json", WEIGHTS_NAME, "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or matched to the model; the message says which and why."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+
+
+# ---- where the files are ----------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on local disk: its weight files and, when present, its config and preprocessing."""
+
+    source: str
+    weight_files: list[Path]
+    config_path: Path | None = None
+    preprocessor_path: Path | None = None
+    weight_map: dict[str, str] = field(default_factory=dict)  # key -> shard file name, for sharded checkpoints
+
+    @property
+    def directory(self) -> Path:
+        return self.weight_files[0].parent
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None) -> Checkpoint:
+    """Find a checkpoint: `local-dir:PATH`, `hf-hub:ORG/REPO`, a registry name, a local path or a Hub repo id.
+
+    Hub files go through huggingface_hub's cache, so `HF_HUB_OFFLINE=1` and `HF_HOME` work as everywhere else.
+    """
+    name = os.fspath(name_or_path)
+    if name.startswith("local-dir:"):
+        return _resolve_local(Path(name[len("local-dir:"):]), name)
+    if name.startswith("hf-hub:"):
+        return _resolve_hub(name[len("hf-hub:"):], revision, cache_dir)
+    entry = REGISTRY.get(name.lower())
+    if entry is not None:
+        if os.path.exists(name):
+            raise CheckpointError(
+                f"{name!r} is both a registered model and a local path; write 'hf-hub:{entry.repo_id}' "
+                f"or 'local-dir:{name}'"
+            )
+        return _resolve_hub(entry.repo_id, revision or entry.revision, cache_dir)
+    if os.path.exists(name):
+        return _resolve_local(Path(name), name)
+    if _REPO_ID.match(name):
+        return _resolve_hub(name, revision, cache_dir)
+    raise CheckpointError(
+        f"{name!r}: no such file or folder, and not a Hub repo id (ORG/NAME) or a registered name "
+        f"({', '.join(sorted(REGISTRY))})"
+    )
+
+
+def _resolve_local(path: Path, source: str) -> Checkpoint:
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _from_index(path, source)
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise CheckpointError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+        folder = path.parent
+        return Checkpoint(source, [path], _existing(folder / CONFIG_NAME), _existing(folder / PREPROCESSOR_NAME))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    for name in WEIGHT_CANDIDATES:
+        if (path / name).is_file():
+            return _resolve_local(path / name, source)
+    found = sorted(p.name for p in path.iterdir())
+    raise CheckpointError(f"{path}: no weights found (looked for {', '.join(WEIGHT_CANDIDATES)}; the folder has {found})")
+
+
+def _from_index(index_path: Path, source: str) -> Checkpoint:
+    try:
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+    folder = index_path.parent
+    shards = [folder / f for f in dict.fromkeys(weight_map[k] for k in _vision_keys(weight_map))]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index_path}: shard(s) listed in the index are missing: {missing}")
+    return Checkpoint(source, shards, _existing(folder / CONFIG_NAME), _existing(folder / PREPROCESSOR_NAME), weight_map)
+
+
+def _vision_keys(keys: Iterable[str]) -> list[str]:
+    """Keys of the vision tower; in a chat checkpoint the LLM and projector shards are not needed."""
+    keys = list(keys)
+    prefixed = [k for k in keys if k.startswith(("vision_model.", "vision_tower.", "model.vision_tower."))]
+    return prefixed or keys
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Checkpoint:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # pragma: no cover - a core dependency
+        raise CheckpointError(f"{repo_id}: loading from the Hub needs huggingface_hub (pip install huggingface_hub)")
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        except hf_errors.LocalEntryNotFoundError as e:  # offline, or no network, and not in the cache
+            failures.append(f"{filename}: {str(e).splitlines()[0]}")
+            return None
+        except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
+            raise CheckpointError(f"{repo_id}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+        except hf_errors.EntryNotFoundError:
+            return None  # online, and the repo has no such file
+        except OSError as e:  # the network failed in some other way
+            failures.append(f"{filename}: {str(e).splitlines()[0]}")
+            return None
+
+    failures: list[str] = []
+    config = fetch(CONFIG_NAME)
+    preprocessor = fetch(PREPROCESSOR_NAME)
+    for candidate in WEIGHT_CANDIDATES:
+        path = fetch(candidate)
+        if path is None:
+            continue
+        if candidate.endswith(".index.json"):
+            weight_map = json.loads(path.read_text())["weight_map"]
+            for shard in dict.fromkeys(weight_map[k] for k in _vision_keys(weight_map)):
+                if fetch(shard) is None:
+                    raise CheckpointError(f"{repo_id}: could not get shard {shard}: {failures[-1] if failures else ''}")
+            ckpt = _from_index(path, repo_id)
+        else:
+            ckpt = Checkpoint(repo_id, [path], None, None)
+        ckpt.config_path, ckpt.preprocessor_path = config, preprocessor
+        return ckpt
+    from huggingface_hub import constants
+
+    where = f"cache {cache_dir or constants.HF_HUB_CACHE}"
+    why = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+    detail = "; ".join(failures[:3]) or "the repo has none of " + ", ".join(WEIGHT_CANDIDATES)
+    raise CheckpointError(
+        f"{repo_id}: weights not found in the Hugging Face {where}, and {why} ({detail}). "
+        "Download them where the Hub is reachable (e.g. `hf download " + repo_id + "`), or pass a local folder."
+    )
+
+
+# ---- reading state dicts and mapping keys -----------------------------------------------------------
+
+
+def read_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of the vision tower, memory-mapped in its stored dtype, keys as stored."""
+    wanted = set(_vision_keys(ckpt.weight_map)) if ckpt.weight_map else None
+    sd: dict[str, torch.Tensor] = {}
+    for path in ckpt.weight_files:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes)")
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = [k for k in f.keys() if wanted is None or k in wanted]
+                    sd.update((k, f.get_tensor(k)) for k in _vision_keys(keys))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        else:
+            sd.update(_torch_load(path))
+    return sd
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.__class__.__name__}: {e})") from None
+    for wrapper in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# timm `vit_intern300m_patch14_448` -> official (spec/peers.md §1).
+_TIMM_RENAMES = [
+    (r"cls_token", "embeddings.class_embedding"),
+    (r"pos_embed", "embeddings.position_embedding"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (r"blocks\.(\d+)\.ls([12])\.gamma", r"encoder.layers.\1.ls\2"),
+    (r"blocks\.(\d+)\.(.+)", r"encoder.layers.\1.\2"),
+]
+# transformers `InternVLVisionModel` -> official (spec/peers.md §2); q/k/v are fused back into qkv afterwards.
+_HF_RENAMES = [
+    (r"embeddings\.cls_token", "embeddings.class_embedding"),
+    (r"embeddings\.position_embeddings", "embeddings.position_embedding"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (r"encoder\.layer\.(\d+)\.lambda_([12])", r"encoder.layers.\1.ls\2"),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.(.+)", r"encoder.layers.\1.norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.(.+)", r"encoder.layers.\1.norm2.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.projection_layer\.(.+)", r"encoder.layers.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", r"encoder.layers.\1.attn.qkv.\3:\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.([qk])_norm\.(.+)", r"encoder.layers.\1.attn.\2_norm.\3"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(.+)", r"encoder.layers.\1.mlp.\2"),
+]
+# The key that identifies each layout, and the renames that bring it to the official one.
+LAYOUTS = {
+    "official": ("embeddings.patch_embedding.weight", []),
+    "timm": ("patch_embed.proj.weight", _TIMM_RENAMES),
+    "transformers": ("embeddings.patch_embeddings.projection.weight", _HF_RENAMES),
+}
+
+
+def to_official(sd: dict[str, torch.Tensor], *, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Strip the prefix (`vision_model.`, `model.vision_tower.`, ...) and rename timm/transformers keys.
+
+    Returns the official state dict and the name of the layout that was found.
+    """
+    for layout, (anchor, renames) in LAYOUTS.items():
+        hits = [k for k in sd if k == anchor or k.endswith("." + anchor)]
+        if hits:
+            prefix = min(hits, key=len)[: -len(anchor)]
+            break
+    else:
+        sample = sorted(sd)[:5]
+        raise CheckpointError(
+            f"{source}: not an InternViT checkpoint in any known layout (official, InternVL chat, timm, "
+            f"transformers); first keys: {sample}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    unfused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        if not key.startswith(prefix):
+            continue  # e.g. mlp1. and language_model. in a chat checkpoint
+        key = key[len(prefix):]
+        for pattern, repl in renames:
+            key, n = re.subn(f"^{pattern}$", repl, key)
+            if n:
+                break
+        if ":" in key:
+            name, part = key.split(":")
+            unfused.setdefault(name, {})[part] = tensor
+        else:
+            out[key] = tensor
+    for name, parts in unfused.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{source}: {name} needs q, k and v projections, found only {sorted(parts)}")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # rows [q | k | v] (spec §2.1)
+    return out, layout
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> InternVisionConfig:
+    """An architecture from the tensor shapes alone, for checkpoints without a config.json (timm state dicts)."""
+    hidden, _, patch, _ = sd["embeddings.patch_embedding.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    presets = [c for c in PRESETS.values() if (c.hidden_size, c.num_hidden_layers) == (hidden, layers)]
+    if not presets:
+        raise CheckpointError(
+            f"no config.json, and {hidden} wide x {layers} layers matches no preset: pass config= "
+            "(the number of attention heads cannot be read from the weights)"
+        )
+    grid = int(round((sd["embeddings.position_embedding"].shape[1] - 1) ** 0.5))
+    return presets[0].replace(
+        intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        patch_size=patch,
+        image_size=grid * patch,
+        qkv_bias="encoder.layers.0.attn.qkv.bias" in sd,
+        qk_normalization="encoder.layers.0.attn.q_norm.weight" in sd,
+        norm_type="layer_norm" if "encoder.layers.0.norm1.bias" in sd else "rms_norm",
+    )
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, source: str) -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys (strict loading, spec §8)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+                  for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != expected[k]]
+    if not (missing or unexpected or mis_shaped):
+        return
+
+    def show(title: str, items: list[str]) -> str:
+        more = f" ... and {len(items) - 10} more" if len(items) > 10 else ""
+        return f"\n  {title} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
+
+    raise CheckpointError(
+        f"{source}: the checkpoint does not match the model config"
+        + show("missing", missing) + show("unexpected", unexpected) + show("mis-shaped", mis_shaped)
+    )
+
+
+# ---- public entry points ---------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    config: InternVisionConfig | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Checkpoint, InternVisionConfig, dict[str, torch.Tensor]]:
+    """Resolve, read and map a checkpoint: its files, its config and its official-layout state dict."""
+    ckpt = resolve(name_or_path, revision=revision, cache_dir=cache_dir)
+    sd, _ = to_official(read_state_dict(ckpt), source=ckpt.source)
+    if config is None:
+        config = InternVisionConfig.from_json(ckpt.config_path) if ckpt.config_path else infer_config(sd)
+    return ckpt, config, sd
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    config: InternVisionConfig | None = None,
+    attn_implementation: str = "sdpa",
+    cache_dir: str | None = None,
+) -> InternVisionModel:
+    """Load an InternViT encoder, in eval mode.
+
+    Args:
+        name_or_path: a local folder or weight file, a Hub repo id (`OpenGVLab/InternViT-300M-448px-V2_5`),
+            `hf-hub:ORG/REPO`, `local-dir:PATH`, or a registry name (`internvit-300m-448px-v2_5`). Standalone
+            InternViT (300M, 6B), InternVL 2.5 chat checkpoints (sharded or not), timm and transformers layouts.
+        dtype: fp32 | bf16 | fp16 or a torch dtype; None keeps the stored dtype (bf16 for the official files).
+        device: where to put the weights; None leaves them on the CPU, memory-mapped.
+        revision: a Hub branch, tag or commit.
+        config: overrides the checkpoint's config.json (needed for a timm state dict of an unknown size).
+        attn_implementation: "sdpa" (default) or "eager" (the official naive attention).
+        cache_dir: a Hugging Face cache folder other than the default.
+
+    The loaded model carries `model.checkpoint` (the resolved files), which `ImageProcessor.from_pretrained` and
+    `internvit extract` use to find the matching `preprocessor_config.json`.
+    """
+    ckpt, config, sd = load_checkpoint(name_or_path, revision=revision, config=config, cache_dir=cache_dir)
+    target = parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
+    with torch.device("meta"):
+        model = InternVisionModel(config, attn_implementation=attn_implementation)
+    check_state_dict(model, sd, source=ckpt.source)
+    sd = {k: v.to(target) for k, v in sd.items()}  # a no-op (no copy) where the stored dtype is the target
+    model.load_state_dict(sd, strict=True, assign=True)
+    if device is not None:
+        model.to(device)
+    model.checkpoint = ckpt
+    return model.eval()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained(
+    state_dict: dict[str, torch.Tensor],
+    config: InternVisionConfig,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    preprocessor: dict | None = None,
+) -> Path:
+    """Write an official-layout checkpoint: config.json, model.safetensors, preprocessor_config.json."""
+    from safetensors.torch import save_file
+
+    from internvit.preprocess import ImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = parse_dtype(dtype)
+    sd = {k: (v.to(target) if target else v).detach().contiguous().cpu() for k, v in state_dict.items()}
+    stored = sd["embeddings.patch_embedding.weight"].dtype
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    pre = preprocessor if preprocessor is not None else ImageProcessor().to_dict()
+    _atomic_write(out / PREPROCESSOR_NAME, lambda p: Path(p).write_text(json.dumps(pre, indent=2) + "\n"))
+    return out
+
+
+def convert(
+    name_or_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    config: InternVisionConfig | None = None,
+) -> Path:
+    """Rewrite any supported checkpoint (chat, sharded, timm, transformers) in the official standalone layout."""
+    ckpt, config, sd = load_checkpoint(name_or_path, revision=revision, config=config)
+    with torch.device("meta"):
+        check_state_dict(InternVisionModel(config), sd, source=ckpt.source)
+    preprocessor = json.loads(ckpt.preprocessor_path.read_text()) if ckpt.preprocessor_path else None
+    return save_pretrained(sd, config, out_dir, dtype=dtype, preprocessor=preprocessor)
+
+
+def init_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    preset: str = "300m",
+    seed: int = 0,
+    dtype: str | torch.dtype = "bf16",
+) -> Path:
+    """Write a randomly initialised checkpoint in the official layout (for offline trials and tests)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    with torch.device("meta"):
+        model = InternVisionModel(config)
+    # Materialise directly in the target dtype: the 6B never exists in fp32 here.
+    model = model.to(parse_dtype(dtype)).to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return save_pretrained(model.state_dict(), config, out_dir)
