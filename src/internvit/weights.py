@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from internvit._fileio import atomic_write
 from internvit.config import PRESETS, InternVisionConfig
 from internvit.model.vision import InternVisionModel
 from internvit.registry import REGISTRY
@@ -397,18 +397,6 @@ def from_pretrained(
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(
     state_dict: dict[str, torch.Tensor],
     config: InternVisionConfig,
@@ -429,10 +417,10 @@ def save_pretrained(
     stored = sd["embeddings.patch_embedding.weight"].dtype
     cfg = config.to_dict()
     cfg["torch_dtype"] = str(stored).removeprefix("torch.")
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     pre = preprocessor if preprocessor is not None else ImageProcessor().to_dict()
-    _atomic_write(out / PREPROCESSOR_NAME, lambda p: Path(p).write_text(json.dumps(pre, indent=2) + "\n"))
+    atomic_write(out / PREPROCESSOR_NAME, lambda p: Path(p).write_text(json.dumps(pre, indent=2) + "\n"))
     return out
 
 

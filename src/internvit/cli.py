@@ -1,0 +1,117 @@
+"""The `internvit` command: argparse subcommands that call the public API and nothing else.
+
+Exit status: 0 success; 1 `extract` finished but some inputs failed (their rows hold the errors); 2 the command
+could not run (bad arguments, a checkpoint that cannot be loaded, an incompatible output file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from internvit.registry import DEFAULT_MODEL, REGISTRY
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 12,18,-1, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internvit", description="InternViT-300M-448px-V2_5 without remote code.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "extract",
+        help="extract features of images into a Parquet file",
+        description="Extract CLS and mean-pooled features of images into one Parquet file (one row per input). "
+        "Rerunning with the same --out resumes: finished inputs are skipped.",
+    )
+    p.add_argument("sources", nargs="+", help="image files, folders (recursive), globs, or .txt files listing paths")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hub repo id, local folder or file, or one of: {', '.join(REGISTRY)} (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit of --model")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="images per forward (default: 8)")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes, 0 = none (default: 2)")
+    p.add_argument("--layers", type=_layers, default=(),
+                   help="also pool these layers (0 = embeddings, 24 = last, -1 = last): columns cls_lI, mean_lI")
+    p.add_argument("--patch-tokens", action="store_true", help="also store the last layer's patch tokens")
+    p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
+    p.add_argument("--max-pixels", type=_positive, help="refuse images with more pixels (default: 100,000,000)")
+    p.add_argument("--retry-errors", action="store_true", help="recompute inputs whose earlier row is an error")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
+    p.add_argument("out_dir")
+    p.add_argument("--preset", default="300m", choices=["300m", "6b", "tiny"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+
+    p = sub.add_parser("convert", help="rewrite a chat, sharded, timm or transformers checkpoint in the official layout")
+    p.add_argument("source", help="Hub repo id, local folder or weight file")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: keep the stored dtype")
+    p.add_argument("--revision")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from internvit.extract.store import OutputMismatchError
+    from internvit.weights import CheckpointError
+
+    try:
+        return _run(args)
+    except (CheckpointError, OutputMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"internvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"internvit {args.command}: interrupted; finished rows are saved, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "extract":
+        from internvit.extract import extract_features
+
+        s = extract_features(
+            args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+            batch_size=args.batch_size, num_workers=args.workers, layers=args.layers, patch_tokens=args.patch_tokens,
+            exif_transpose=not args.no_exif, max_pixels=args.max_pixels, retry_errors=args.retry_errors,
+            progress=not args.quiet,
+        )
+        print(
+            f"{s.out}: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, "
+            f"{s.failed} failed; {s.seconds:.1f} s",
+            file=sys.stderr,
+        )
+        return 0 if s.ok else 1
+    if args.command == "init":
+        from internvit.weights import init_checkpoint
+
+        out = init_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype)
+        print(f"wrote a random {args.preset} checkpoint ({args.dtype}) to {out}", file=sys.stderr)
+        return 0
+    if args.command == "convert":
+        from internvit.weights import convert
+
+        out = convert(args.source, args.out_dir, dtype=args.dtype, revision=args.revision)
+        print(f"wrote the official layout to {out}", file=sys.stderr)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""A Parquet output that survives `kill -9` and resumes without duplicates.
+
+Layout while a run is going on: `OUT` (the consolidated file of earlier runs, if any) and `OUT.parts/`, where
+finished rows land as small Parquet files, each written to a temporary name and renamed, so every file there is
+complete. At the end of a run (and on Ctrl-C) everything is streamed into a new `OUT` (renamed into place) and
+the parts are removed. After a kill, `OUT` and every part are readable; the next run with the same `--out`
+skips what they hold and consolidates. When a path appears more than once (a retried error, a kill between the
+rename and the clean-up), the newest row wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from internvit._fileio import atomic_write
+
+METADATA_KEY = b"internvit"
+# Settings that must agree between a file and a run that appends to it.
+COMPATIBLE_KEYS = ("model", "dtype", "layers", "patch_tokens", "preprocess", "hidden_size")
+
+
+class OutputMismatchError(ValueError):
+    """The existing output was written with other settings; resuming would mix incompatible rows."""
+
+
+def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: int = 0,
+                   metadata: dict | None = None) -> pa.Schema:
+    vec = pa.list_(pa.float32(), hidden_size)
+    fields = [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("cls", vec),
+        pa.field("mean", vec),
+    ]
+    for i in layers:
+        fields += [pa.field(f"cls_l{i}", vec), pa.field(f"mean_l{i}", vec)]
+    if patch_tokens:
+        fields.append(pa.field("patch_tokens", pa.list_(vec, patch_tokens)))
+    meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def read_metadata(schema: pa.Schema) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+class FeatureStore:
+    """Rows go in with `add`; `flush` makes them durable; `consolidate` produces the single `OUT` file."""
+
+    def __init__(self, out: str | os.PathLike, schema: pa.Schema, *, rows_per_part: int = 64,
+                 bytes_per_part: int = 256 << 20) -> None:
+        self.out = Path(out)
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.schema = schema
+        self.rows_per_part = rows_per_part
+        self.bytes_per_part = bytes_per_part
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered_rows = 0
+        self._buffered_bytes = 0
+        self._check_compatible()
+        self._next_part = 1 + max((self._part_number(p) for p in self._part_files()), default=0)
+
+    # ---- what is already there ----
+
+    def _part_files(self) -> list[Path]:
+        if not self.parts.is_dir():
+            return []
+        return sorted(p for p in self.parts.iterdir() if re.fullmatch(r"part-\d+\.parquet", p.name))
+
+    @staticmethod
+    def _part_number(path: Path) -> int:
+        return int(path.stem.split("-")[1])
+
+    def _existing_files(self) -> list[Path]:
+        """Oldest first: the consolidated file, then the parts in the order they were written."""
+        return ([self.out] if self.out.is_file() else []) + self._part_files()
+
+    def _check_compatible(self) -> None:
+        wanted = read_metadata(self.schema)
+        for path in self._existing_files():
+            try:
+                have = read_metadata(pq.read_schema(path))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise OutputMismatchError(f"{path}: exists but is not a readable Parquet file ({e})") from None
+            diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
+            if diff:
+                shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+                raise OutputMismatchError(
+                    f"{path} was written with other settings ({shown}); use the same options to resume it, "
+                    "or choose another --out"
+                )
+
+    def finished(self, *, include_errors: bool = True) -> set[str]:
+        """Paths that already have a row (by default also those whose row is an error)."""
+        done: dict[str, bool] = {}
+        for path in self._existing_files():
+            table = pq.read_table(path, columns=["path", "error"])
+            for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+                done[p] = e is None
+        return {p for p, ok in done.items() if ok or include_errors}
+
+    # ---- writing ----
+
+    def add(self, rows: dict[str, list]) -> None:
+        batch = pa.RecordBatch.from_pydict(rows, schema=self.schema)
+        self._buffer.append(batch)
+        self._buffered_rows += batch.num_rows
+        self._buffered_bytes += batch.nbytes
+        if self._buffered_rows >= self.rows_per_part or self._buffered_bytes >= self.bytes_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        self.parts.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_batches(self._buffer, schema=self.schema)
+        atomic_write(self.parts / f"part-{self._next_part:08d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        self._next_part += 1
+        self._buffer.clear()
+        self._buffered_rows = self._buffered_bytes = 0
+
+    def consolidate(self) -> pa.Schema | None:
+        """Stream `OUT` and the parts into a new `OUT`, newest row per path, then remove the parts."""
+        self.flush()
+        files = self._existing_files()
+        if not files or files == [self.out]:
+            return None
+        # Pass 1: where is the newest row of each path?
+        newest: dict[str, tuple[int, int]] = {}
+        for fi, path in enumerate(files):
+            for ri, p in enumerate(pq.read_table(path, columns=["path"]).column("path").to_pylist()):
+                newest[p] = (fi, ri)
+        keep: list[set[int]] = [set() for _ in files]
+        for fi, ri in newest.values():
+            keep[fi].add(ri)
+
+        # Pass 2: copy those rows, one row group at a time (bounded memory).
+        def write(tmp: str) -> None:
+            with pq.ParquetWriter(tmp, self.schema) as writer:
+                for fi, path in enumerate(files):
+                    offset = 0
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+                        mask = pa.array([offset + i in keep[fi] for i in range(batch.num_rows)])
+                        offset += batch.num_rows
+                        kept = batch.filter(mask)
+                        if kept.num_rows:
+                            writer.write_table(pa.Table.from_batches([kept]).cast(self.schema))
+
+        atomic_write(self.out, write)
+        for path in files[1:] if files[0] == self.out else files:
+            path.unlink()
+        try:
+            self.parts.rmdir()
+        except OSError:
+            pass
+        return self.schema
