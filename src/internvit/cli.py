@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
     p.add_argument("--max-pixels", type=_positive, help="refuse images with more pixels (default: 100,000,000)")
     p.add_argument("--retry-errors", action="store_true", help="recompute inputs whose earlier row is an error")
+    p.add_argument("--flush-seconds", type=float, default=10.0,
+                   help="make finished rows durable at least this often; a kill loses at most this much (default: 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
             args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, num_workers=args.workers, layers=args.layers, patch_tokens=args.patch_tokens,
             exif_transpose=not args.no_exif, max_pixels=args.max_pixels, retry_errors=args.retry_errors,
+            flush_seconds=args.flush_seconds,
             progress=not args.quiet,
         )
         print(

@@ -98,6 +98,7 @@ def extract_features(
     exif_transpose: bool = True,
     max_pixels: int | None = None,
     retry_errors: bool = False,
+    flush_seconds: float = 10.0,
     revision: str | None = None,
     progress: bool = True,
 ) -> ExtractSummary:
@@ -116,6 +117,7 @@ def extract_features(
         exif_transpose: apply the EXIF orientation.
         max_pixels: refuse larger images (decompression bombs); None = the library default.
         retry_errors: recompute inputs whose earlier row is an error.
+        flush_seconds: make finished rows durable at least this often (0 = after every batch).
         revision: Hub revision of `model`.
         progress: show a progress bar on stderr.
     """
@@ -141,7 +143,8 @@ def extract_features(
         "model": source, "dtype": str(vit.dtype).removeprefix("torch."), "layers": list(layers),
         "patch_tokens": bool(patch_tokens), "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
     }
-    store = FeatureStore(out, feature_schema(config.hidden_size, layers=layers, patch_tokens=n_patches, metadata=metadata))
+    schema = feature_schema(config.hidden_size, layers=layers, patch_tokens=n_patches, metadata=metadata)
+    store = FeatureStore(out, schema, flush_seconds=flush_seconds)
     done = store.finished(include_errors=not retry_errors)
     todo = [p for p in paths if p not in done]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -54,15 +55,21 @@ def read_metadata(schema: pa.Schema) -> dict:
 
 
 class FeatureStore:
-    """Rows go in with `add`; `flush` makes them durable; `consolidate` produces the single `OUT` file."""
+    """Rows go in with `add`; `flush` makes them durable; `consolidate` produces the single `OUT` file.
 
-    def __init__(self, out: str | os.PathLike, schema: pa.Schema, *, rows_per_part: int = 64,
-                 bytes_per_part: int = 256 << 20) -> None:
+    Buffered rows are flushed to a part every `flush_seconds` (and at `rows_per_part` rows or `bytes_per_part`
+    bytes), so a kill loses at most that much finished work besides the batch in flight.
+    """
+
+    def __init__(self, out: str | os.PathLike, schema: pa.Schema, *, flush_seconds: float = 10.0,
+                 rows_per_part: int = 4096, bytes_per_part: int = 256 << 20) -> None:
         self.out = Path(out)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.schema = schema
         self.rows_per_part = rows_per_part
         self.bytes_per_part = bytes_per_part
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = 0
         self._buffered_bytes = 0
@@ -115,10 +122,12 @@ class FeatureStore:
         self._buffer.append(batch)
         self._buffered_rows += batch.num_rows
         self._buffered_bytes += batch.nbytes
-        if self._buffered_rows >= self.rows_per_part or self._buffered_bytes >= self.bytes_per_part:
+        if (self._buffered_rows >= self.rows_per_part or self._buffered_bytes >= self.bytes_per_part
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if not self._buffer:
             return
         self.parts.mkdir(parents=True, exist_ok=True)
