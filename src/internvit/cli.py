@@ -43,11 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="Hub branch, tag or commit of --model")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="images per forward (default: 8)")
+    p.add_argument("--batch-size", type=_positive, default=8,
+                   help="tiles per forward, and inputs per loading batch (default: 8)")
     p.add_argument("--workers", type=int, default=2, help="image-loading processes, 0 = none (default: 2)")
+    p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
+                   help="none: the model card's CLIP preprocessing, one 448 tile (default); dynamic: InternVL 2.5 "
+                   "tiles (1..--max-tiles by aspect ratio) plus a thumbnail")
+    p.add_argument("--max-tiles", type=_positive, default=12, help="tile budget per image with --tiles dynamic (default: 12)")
+    p.add_argument("--frames", type=_positive, default=8, help="frames sampled per video (default: 8)")
     p.add_argument("--layers", type=_layers, default=(),
                    help="also pool these layers (0 = embeddings, 24 = last, -1 = last): columns cls_lI, mean_lI")
-    p.add_argument("--patch-tokens", action="store_true", help="also store the last layer's patch tokens")
+    p.add_argument("--patch-tokens", action="store_true",
+                   help="also store the last layer's patch-token map (stitched from the tiles with --tiles dynamic)")
+    p.add_argument("--visual-tokens", action="store_true",
+                   help="also store InternVL's visual tokens: pixel-unshuffled, 256 per tile, width 4x hidden")
+    p.add_argument("--projector", help="InternVL chat checkpoint whose mlp1 projects the visual tokens (implies --visual-tokens)")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
     p.add_argument("--max-pixels", type=_positive, help="refuse images with more pixels (default: 100,000,000)")
     p.add_argument("--retry-errors", action="store_true", help="recompute inputs whose earlier row is an error")
@@ -90,7 +100,9 @@ def _run(args: argparse.Namespace) -> int:
 
         s = extract_features(
             args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-            batch_size=args.batch_size, num_workers=args.workers, layers=args.layers, patch_tokens=args.patch_tokens,
+            batch_size=args.batch_size, num_workers=args.workers, tiles=args.tiles, max_tiles=args.max_tiles,
+            frames=args.frames, layers=args.layers, patch_tokens=args.patch_tokens,
+            visual_tokens=args.visual_tokens, projector=args.projector,
             exif_transpose=not args.no_exif, max_pixels=args.max_pixels, retry_errors=args.retry_errors,
             flush_seconds=args.flush_seconds,
             progress=not args.quiet,

@@ -72,16 +72,24 @@ class Checkpoint:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None) -> Checkpoint:
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    prefixes: tuple[str, ...] | None = None,
+) -> Checkpoint:
     """Find a checkpoint: `local-dir:PATH`, `hf-hub:ORG/REPO`, a registry name, a local path or a Hub repo id.
 
     Hub files go through huggingface_hub's cache, so `HF_HUB_OFFLINE=1` and `HF_HOME` work as everywhere else.
+    Of a sharded checkpoint only the shards holding the wanted keys are needed: those of the vision tower, or
+    those starting with `prefixes` (e.g. `("mlp1.",)` for the projector of a chat checkpoint).
     """
     name = os.fspath(name_or_path)
     if name.startswith("local-dir:"):
-        return _resolve_local(Path(name[len("local-dir:"):]), name)
+        return _resolve_local(Path(name[len("local-dir:"):]), name, prefixes)
     if name.startswith("hf-hub:"):
-        return _resolve_hub(name[len("hf-hub:"):], revision, cache_dir)
+        return _resolve_hub(name[len("hf-hub:"):], revision, cache_dir, prefixes)
     entry = REGISTRY.get(name.lower())
     if entry is not None:
         if os.path.exists(name):
@@ -89,21 +97,21 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cac
                 f"{name!r} is both a registered model and a local path; write 'hf-hub:{entry.repo_id}' "
                 f"or 'local-dir:{name}'"
             )
-        return _resolve_hub(entry.repo_id, revision or entry.revision, cache_dir)
+        return _resolve_hub(entry.repo_id, revision or entry.revision, cache_dir, prefixes)
     if os.path.exists(name):
-        return _resolve_local(Path(name), name)
+        return _resolve_local(Path(name), name, prefixes)
     if _REPO_ID.match(name):
-        return _resolve_hub(name, revision, cache_dir)
+        return _resolve_hub(name, revision, cache_dir, prefixes)
     raise CheckpointError(
         f"{name!r}: no such file or folder, and not a Hub repo id (ORG/NAME) or a registered name "
         f"({', '.join(sorted(REGISTRY))})"
     )
 
 
-def _resolve_local(path: Path, source: str) -> Checkpoint:
+def _resolve_local(path: Path, source: str, prefixes: tuple[str, ...] | None = None) -> Checkpoint:
     if path.is_file():
         if path.name.endswith(".index.json"):
-            return _from_index(path, source)
+            return _from_index(path, source, prefixes)
         if not path.name.endswith(WEIGHT_SUFFIXES):
             raise CheckpointError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
         folder = path.parent
@@ -112,28 +120,33 @@ def _resolve_local(path: Path, source: str) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or folder")
     for name in WEIGHT_CANDIDATES:
         if (path / name).is_file():
-            return _resolve_local(path / name, source)
+            return _resolve_local(path / name, source, prefixes)
     found = sorted(p.name for p in path.iterdir())
     raise CheckpointError(f"{path}: no weights found (looked for {', '.join(WEIGHT_CANDIDATES)}; the folder has {found})")
 
 
-def _from_index(index_path: Path, source: str) -> Checkpoint:
+def _from_index(index_path: Path, source: str, prefixes: tuple[str, ...] | None = None) -> Checkpoint:
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
     folder = index_path.parent
-    shards = [folder / f for f in dict.fromkeys(weight_map[k] for k in _vision_keys(weight_map))]
+    shards = [folder / f for f in dict.fromkeys(weight_map[k] for k in select_keys(weight_map, prefixes))]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{index_path}: shard(s) listed in the index are missing: {missing}")
     return Checkpoint(source, shards, _existing(folder / CONFIG_NAME), _existing(folder / PREPROCESSOR_NAME), weight_map)
 
 
-def _vision_keys(keys: Iterable[str]) -> list[str]:
-    """Keys of the vision tower; in a chat checkpoint the LLM and projector shards are not needed."""
+VISION_PREFIXES = ("vision_model.", "vision_tower.", "model.vision_tower.")
+
+
+def select_keys(keys: Iterable[str], prefixes: tuple[str, ...] | None = None) -> list[str]:
+    """Keys under `prefixes`; by default the vision tower's (in a chat checkpoint the LLM is not needed)."""
     keys = list(keys)
-    prefixed = [k for k in keys if k.startswith(("vision_model.", "vision_tower.", "model.vision_tower."))]
+    if prefixes is not None:
+        return [k for k in keys if k.startswith(prefixes)]
+    prefixed = [k for k in keys if k.startswith(VISION_PREFIXES)]
     return prefixed or keys
 
 
@@ -141,7 +154,8 @@ def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Checkpoint:
+def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None,
+                 prefixes: tuple[str, ...] | None = None) -> Checkpoint:
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hf_errors
@@ -171,10 +185,10 @@ def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> C
             continue
         if candidate.endswith(".index.json"):
             weight_map = json.loads(path.read_text())["weight_map"]
-            for shard in dict.fromkeys(weight_map[k] for k in _vision_keys(weight_map)):
+            for shard in dict.fromkeys(weight_map[k] for k in select_keys(weight_map, prefixes)):
                 if fetch(shard) is None:
                     raise CheckpointError(f"{repo_id}: could not get shard {shard}: {failures[-1] if failures else ''}")
-            ckpt = _from_index(path, repo_id)
+            ckpt = _from_index(path, repo_id, prefixes)
         else:
             ckpt = Checkpoint(repo_id, [path], None, None)
         ckpt.config_path, ckpt.preprocessor_path = config, preprocessor
@@ -193,9 +207,9 @@ def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> C
 # ---- reading state dicts and mapping keys -----------------------------------------------------------
 
 
-def read_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """Every tensor of the vision tower, memory-mapped in its stored dtype, keys as stored."""
-    wanted = set(_vision_keys(ckpt.weight_map)) if ckpt.weight_map else None
+def read_state_dict(ckpt: Checkpoint, *, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the vision tower (or those under `prefixes`), memory-mapped in their stored dtype, keys as stored."""
+    wanted = set(select_keys(ckpt.weight_map, prefixes)) if ckpt.weight_map else None
     sd: dict[str, torch.Tensor] = {}
     for path in ckpt.weight_files:
         if path.stat().st_size == 0:
@@ -206,11 +220,12 @@ def read_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     keys = [k for k in f.keys() if wanted is None or k in wanted]
-                    sd.update((k, f.get_tensor(k)) for k in _vision_keys(keys))
+                    sd.update((k, f.get_tensor(k)) for k in select_keys(keys, prefixes))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
         else:
-            sd.update(_torch_load(path))
+            loaded = _torch_load(path)
+            sd.update((k, loaded[k]) for k in select_keys(loaded, prefixes))
     return sd
 
 

@@ -1,21 +1,26 @@
-"""`extract_features`: images on disk -> one Parquet file of InternViT features, on one machine.
+"""`extract_features`: images and videos on disk -> one Parquet file of InternViT features, on one machine.
 
-Images are opened and preprocessed in DataLoader worker processes while the model runs on the previous batch;
-a file that cannot be read becomes a row with its error and the run goes on. Rows are made durable in small
-part files as they finish (see `store.py`), so a killed run loses at most the batches in flight and a rerun with
-the same output resumes.
+Inputs are opened and preprocessed in DataLoader worker processes while the model runs on the previous batch;
+an input that cannot be read becomes a row with its error and the run goes on. The tiles of all images in a
+batch share the encoder's micro-batches (`features.encode_tiles`). Rows are made durable in small part files as
+they finish (see `store.py`), so a killed run loses at most the last seconds of work, and a rerun with the same
+output resumes.
 
-Columns: `path` (absolute), `error` (null or the message), `width`/`height` (of the image as opened, after
-EXIF orientation), `cls` (the CLS token of the last layer, no final norm: there is none), `mean` (mean of the
-last layer's patch tokens), `cls_l{i}`/`mean_l{i}` for each extra layer i (0 = embeddings, i = output of layer
-i), and `patch_tokens` ([h*w, C], with `patch_tokens=True`). Vectors are float32 fixed-size lists.
+Preprocessing per input:
+    - images, `tiles="none"` (default): the model card's CLIP processor, one 448 tile;
+    - images, `tiles="dynamic"`: InternVL's dynamic tiles (1..max_tiles) plus a thumbnail (spec §4);
+    - videos (by extension): `frames` frames sampled as the model card's `get_index`, each squashed to one tile.
+
+Pooled columns: `cls` is the CLS token of the thumbnail for tiled images (the whole-image view), of the single
+tile otherwise, and the mean over frames for videos; `mean` is the mean of the patch tokens of every tile the
+encoder saw (grid tiles, thumbnail, frames). See the README for every column.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,8 @@ import torch
 from internvit.extract.sources import expand_sources
 from internvit.extract.store import FeatureStore, feature_schema
 from internvit.registry import DEFAULT_MODEL
+
+TILE_MODES = ("none", "dynamic")
 
 
 @dataclass
@@ -40,32 +47,66 @@ class ExtractSummary:
         return self.failed == 0
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    """Opens and preprocesses one image; never raises: failures come back as an error string."""
+@dataclass
+class _Item:
+    """One input after preprocessing: its tiles [T, 3, S, S] or the error that stopped it."""
 
-    def __init__(self, paths: list[str], processor, *, exif_transpose: bool, max_pixels: int | None) -> None:
-        self.paths = paths
-        self.processor = processor
-        self.exif_transpose = exif_transpose
-        self.max_pixels = max_pixels
+    path: str
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+    size: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
+    thumbnail: bool = False
+    frame_indices: list[int] | None = None
+    tokens: list[torch.Tensor] = field(default_factory=list)  # per requested layer [T, N, C], after encoding
+
+
+@dataclass
+class _Prepare:
+    """Path -> `_Item`, run in the worker processes (a plain picklable object)."""
+
+    processor: object
+    tiles: str
+    max_tiles: int
+    frames: int
+    tile_size: int
+    exif_transpose: bool
+    max_pixels: int | None
+
+    def __call__(self, path: str) -> _Item:
+        from internvit.features import tile_image
+        from internvit.preprocess import ImageLoadError, open_image, tile_transform
+        from internvit.preprocess.video import is_video_name, load_frames
+
+        try:
+            if is_video_name(path):
+                frames, indices = load_frames(path, num_segments=self.frames)
+                pixels = torch.stack([tile_transform(f, size=self.tile_size) for f in frames])
+                return _Item(path, pixels, size=frames[0].size, frame_indices=indices)
+            image = open_image(path, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
+            if self.tiles == "dynamic":
+                tiled = tile_image(image, max_tiles=self.max_tiles, tile_size=self.tile_size)
+                return _Item(path, tiled.pixel_values, size=image.size, grid=tiled.layout.grid,
+                             thumbnail=tiled.layout.thumbnail)
+            return _Item(path, self.processor(image)[None], size=image.size)
+        except ImageLoadError as e:
+            return _Item(path, error=str(e))
+        except Exception as e:  # a decoder bug must not stop a million-image run
+            return _Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
+
+
+class _Inputs(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], prepare: _Prepare) -> None:
+        self.paths, self.prepare = paths, prepare
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, tuple[int, int] | None, str | None]:
-        from internvit.preprocess import ImageLoadError, open_image
-
-        path = self.paths[i]
-        try:
-            image = open_image(path, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
-            return path, self.processor(image), image.size, None
-        except ImageLoadError as e:
-            return path, None, None, str(e)
-        except Exception as e:  # a decoder bug must not stop a million-image run
-            return path, None, None, f"{path}: {e.__class__.__name__}: {e}"
+    def __getitem__(self, i: int) -> _Item:
+        return self.prepare(self.paths[i])
 
 
-def _collate(items):
+def _collate(items: list[_Item]) -> list[_Item]:
     return items
 
 
@@ -93,8 +134,13 @@ def extract_features(
     device: str | torch.device | None = None,
     batch_size: int = 8,
     num_workers: int = 2,
+    tiles: str = "none",
+    max_tiles: int = 12,
+    frames: int = 8,
     layers=(),
     patch_tokens: bool = False,
+    visual_tokens: bool = False,
+    projector: str | None = None,
     exif_transpose: bool = True,
     max_pixels: int | None = None,
     retry_errors: bool = False,
@@ -102,7 +148,7 @@ def extract_features(
     revision: str | None = None,
     progress: bool = True,
 ) -> ExtractSummary:
-    """Extract features of every image named by `sources` into the Parquet file `out`.
+    """Extract features of every image and video named by `sources` into the Parquet file `out`.
 
     Args:
         sources: files, folders (recursive), globs or `.txt` list files (see `expand_sources`).
@@ -110,10 +156,15 @@ def extract_features(
         model: a name or path for `internvit.from_pretrained`, or a loaded `InternVisionModel`.
         dtype: compute dtype (bf16 is the reference dtype and the fastest on CPUs with AVX-512 BF16).
         device: "cpu", "cuda", ...; default CUDA when available.
-        batch_size: images per forward.
+        batch_size: tiles per forward (also inputs per loader batch); bounds the activation memory.
         num_workers: preprocessing processes (0 = in the main process).
+        tiles: "none" (CLIP preprocessing, one tile) or "dynamic" (InternVL tiles + thumbnail).
+        max_tiles: the dynamic tiling budget per image.
+        frames: frames sampled per video.
         layers: extra layers to pool, as `hidden_states` indices (0 = embeddings, -1 = last).
-        patch_tokens: also store the last layer's patch tokens.
+        patch_tokens: also store the patch-token map (the stitched map for tiled images; not for videos).
+        visual_tokens: also store InternVL's visual tokens (pixel-unshuffled, or projected with `projector`).
+        projector: an InternVL chat checkpoint whose `mlp1` projects the visual tokens (implies visual_tokens).
         exif_transpose: apply the EXIF orientation.
         max_pixels: refuse larger images (decompression bombs); None = the library default.
         retry_errors: recompute inputs whose earlier row is an error.
@@ -124,6 +175,8 @@ def extract_features(
     from internvit.preprocess import DEFAULT_MAX_PIXELS, ImageProcessor
     from internvit.weights import from_pretrained
 
+    if tiles not in TILE_MODES:
+        raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
     start = time.perf_counter()
     paths = expand_sources(sources)
     if device is None:
@@ -133,38 +186,48 @@ def extract_features(
     else:
         vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), str(model)
     vit.eval()
+    proj = None
+    if projector is not None:
+        from internvit.model.projector import load_projector
+
+        proj = load_projector(projector, dtype=vit.dtype, device=device)
+        visual_tokens = True
     ckpt = getattr(vit, "checkpoint", None)
     processor = (ImageProcessor.from_json(ckpt.preprocessor_path)
                  if ckpt is not None and ckpt.preprocessor_path else ImageProcessor())
     config = vit.config
     layers = normalize_layers(layers, config.num_hidden_layers)
-    n_patches = (processor.crop_size // config.patch_size) ** 2 if patch_tokens else 0
+    vt_width = (proj.config.llm_hidden_size if proj is not None else 4 * config.hidden_size) if visual_tokens else 0
     metadata = {
         "model": source, "dtype": str(vit.dtype).removeprefix("torch."), "layers": list(layers),
-        "patch_tokens": bool(patch_tokens), "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
+        "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens), "projector": projector,
+        "tiles": tiles, "max_tiles": max_tiles if tiles == "dynamic" else None, "frames": frames,
+        "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
     }
-    schema = feature_schema(config.hidden_size, layers=layers, patch_tokens=n_patches, metadata=metadata)
+    schema = feature_schema(config.hidden_size, layers=layers, patch_tokens=patch_tokens, visual_tokens=vt_width,
+                            metadata=metadata)
     store = FeatureStore(out, schema, flush_seconds=flush_seconds)
     done = store.finished(include_errors=not retry_errors)
     todo = [p for p in paths if p not in done]
 
+    prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
+                       DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(todo, processor, exif_transpose=exif_transpose,
-                      max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels),
-        batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        _Inputs(todo, prepare), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
         worker_init_fn=_worker_init if num_workers else None, prefetch_factor=2 if num_workers else None,
     )
+    encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
+                       visual_tokens=visual_tokens, projector=proj)
     bar = None
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), unit="input", desc="extract", dynamic_ncols=True)
     failed_now = 0
     try:
         for items in loader:
-            rows = _encode(vit, items, layers=layers, n_patches=n_patches)
-            store.add(rows)
-            failed_now += sum(e is not None for e in rows["error"])
+            store.add(encoder(items))
+            failed_now += sum(item.error is not None for item in items)
             if bar is not None:
                 bar.update(len(items))
                 bar.set_postfix(failed=failed_now)
@@ -182,41 +245,99 @@ def extract_features(
     return ExtractSummary(Path(out), len(paths), len(paths) - len(todo), len(todo), failed, time.perf_counter() - start)
 
 
-@torch.inference_mode()
-def _encode(vit, items, *, layers: tuple[int, ...], n_patches: int) -> dict:
-    """One batch through the model: a row for every item, errors included, in input order."""
-    ok = [i for i, (_, pixels, _, _) in enumerate(items) if pixels is not None]
-    valid = np.zeros(len(items), dtype=bool)
-    valid[ok] = True
-    C = vit.config.hidden_size
-    vectors = {name: np.zeros((len(items), C), np.float32)
-               for name in ["cls", "mean"] + [f"{p}_l{i}" for i in layers for p in ("cls", "mean")]}
-    if n_patches:
-        vectors["patch_tokens"] = np.zeros((len(items), n_patches, C), np.float32)
-    if ok:
-        pixels = torch.stack([items[i][1] for i in ok]).to(vit.device, vit.dtype)
-        output = vit(pixels, output_hidden_states=bool(layers))
-        named = [("", output.last_hidden_state)] + [(f"_l{i}", output.hidden_states[i]) for i in layers]
-        for suffix, h in named:
-            vectors["cls" + suffix][ok] = h[:, 0].float().cpu().numpy()
-            vectors["mean" + suffix][ok] = h[:, 1:].float().mean(dim=1).cpu().numpy()
-        if n_patches:
-            vectors["patch_tokens"][ok] = output.last_hidden_state[:, 1:].float().cpu().numpy()
-    columns: dict = {
-        "path": [path for path, _, _, _ in items],
-        "error": [error for _, _, _, error in items],
-        "width": [size[0] if size else None for _, _, size, _ in items],
-        "height": [size[1] if size else None for _, _, size, _ in items],
-    }
-    columns.update((name, _fixed_size_lists(values, valid)) for name, values in vectors.items())
-    return columns
+class _Encoder:
+    """A loader batch of `_Item`s -> the columns of their rows (errors included, input order kept)."""
+
+    def __init__(self, vit, *, layers, micro_batch, patch_tokens, visual_tokens, projector) -> None:
+        self.vit, self.layers, self.micro_batch = vit, layers, micro_batch
+        self.patch_tokens, self.visual_tokens, self.projector = patch_tokens, visual_tokens, projector
+        L = vit.config.num_hidden_layers
+        select = projector.config.select_layer if projector is not None else -1
+        self.visual_layer = -1 if select in (-1, L) else (select + L + 1 if select < 0 else select)
+        self.wanted = tuple(dict.fromkeys((-1, *layers, self.visual_layer)))
+
+    @torch.inference_mode()
+    def __call__(self, items: list[_Item]) -> dict:
+        from internvit.features import encode_tiles
+
+        ok = [it for it in items if it.pixels is not None]
+        for it, tokens in zip(ok, encode_tiles(self.vit, [it.pixels for it in ok], micro_batch=self.micro_batch,
+                                               layers=self.wanted)):
+            it.tokens = tokens
+        valid = np.array([it.pixels is not None for it in items], dtype=bool)
+        columns: dict = {
+            "path": [it.path for it in items],
+            "error": [it.error for it in items],
+            "width": [it.size[0] if it.size else None for it in items],
+            "height": [it.size[1] if it.size else None for it in items],
+            "num_tiles": [int(it.pixels.shape[0]) if it.pixels is not None else None for it in items],
+            "grid_cols": [it.grid[0] if it.grid else None for it in items],
+            "grid_rows": [it.grid[1] if it.grid else None for it in items],
+            "frame_indices": [it.frame_indices for it in items],
+        }
+        C = self.vit.config.hidden_size
+        for name, layer in [("", -1)] + [(f"_l{i}", i) for i in self.layers]:
+            k = self.wanted.index(layer)
+            cls, mean = np.zeros((len(items), C), np.float32), np.zeros((len(items), C), np.float32)
+            for n, it in enumerate(items):
+                if it.pixels is not None:
+                    cls[n], mean[n] = self._pool(it, it.tokens[k])
+            columns["cls" + name] = _fixed_size_lists(cls, valid)
+            columns["mean" + name] = _fixed_size_lists(mean, valid)
+        if self.patch_tokens:
+            maps = [self._patch_map(it) if it.pixels is not None and it.frame_indices is None else None
+                    for it in items]
+            columns["map_height"] = [m.shape[0] if m is not None else None for m in maps]
+            columns["map_width"] = [m.shape[1] if m is not None else None for m in maps]
+            columns["patch_tokens"] = _token_lists([m.reshape(-1, C) if m is not None else None for m in maps], C)
+        if self.visual_tokens:
+            vis = [self._visual(it) if it.pixels is not None else None for it in items]
+            width = self.projector.config.llm_hidden_size if self.projector is not None else 4 * C
+            columns["visual_tokens"] = _token_lists(vis, width)
+        return columns
+
+    @staticmethod
+    def _pool(it: _Item, tokens_TNC: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        t = tokens_TNC.float()
+        if it.frame_indices is not None:
+            cls = t[:, 0].mean(0)  # a video: the mean of its frames
+        else:
+            cls = t[-1, 0] if it.thumbnail else t[0, 0]  # the thumbnail sees the whole image
+        return cls.cpu().numpy(), t[:, 1:].mean((0, 1)).cpu().numpy()
+
+    def _patch_map(self, it: _Item) -> np.ndarray:
+        """The patch-token map: one tile's grid, or the stitched grid tiles of a tiled image."""
+        from internvit.features import stitch_tiles
+
+        t = it.tokens[0][:, 1:].float()
+        T, M, C = t.shape
+        side = int(round(M**0.5))
+        return stitch_tiles(t.reshape(T, side, side, C), it.grid or (1, 1)).cpu().numpy()
+
+    def _visual(self, it: _Item) -> np.ndarray:
+        from internvit.model.projector import unshuffle_tokens
+
+        hidden = it.tokens[self.wanted.index(self.visual_layer)]
+        v = self.projector(hidden) if self.projector is not None else unshuffle_tokens(hidden)
+        return v.reshape(-1, v.shape[-1]).float().cpu().numpy()
 
 
 def _fixed_size_lists(values: np.ndarray, valid: np.ndarray):
-    """[rows, ..., C] float32 -> nested Arrow fixed-size lists, without a Python loop; null rows where not valid."""
+    """[rows, C] float32 -> Arrow fixed-size lists without a Python loop; null rows where not valid."""
     import pyarrow as pa
 
-    flat = pa.array(values.reshape(-1))
-    for size in reversed(values.shape[2:]):  # inner dimensions first
-        flat = pa.FixedSizeListArray.from_arrays(flat, size)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1], mask=pa.array(~valid))
+
+
+def _token_lists(arrays: list[np.ndarray | None], width: int):
+    """Per row a [n_i, width] array (or None) -> list<fixed_size_list<float32>[width]>, built from one buffer."""
+    import pyarrow as pa
+
+    lengths = [0 if a is None else a.shape[0] for a in arrays]
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [a for a in arrays if a is not None]
+    flat = np.concatenate(present).reshape(-1) if present else np.zeros(0, np.float32)
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
+    mask = pa.array([a is None for a in arrays])
+    return pa.ListArray.from_arrays(pa.array(offsets), tokens, mask=mask)

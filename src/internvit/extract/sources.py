@@ -6,21 +6,16 @@ import glob
 import os
 from collections.abc import Iterable
 
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .apng .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .jp2 .avif .heic"
-    .split()
-)
+from internvit.preprocess.image import is_image_name
+from internvit.preprocess.video import is_video_name
+
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
-
-
-def is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def expand_sources(sources: Iterable[str | os.PathLike]) -> list[str]:
     """Expand sources into absolute paths, in order, each once.
 
-    - a folder: every file with an image extension below it, recursively, sorted;
+    - a folder: every file with an image or video extension below it, recursively, sorted;
     - a glob (`photos/**/*.jpg`): its matches, sorted;
     - a `.txt` / `.lst` / `.list` file: one path per line (blank lines and `#` comments skipped; relative paths
       are relative to the current folder);
@@ -33,7 +28,7 @@ def expand_sources(sources: Iterable[str | os.PathLike]) -> list[str]:
             found = []
             for root, dirs, files in os.walk(source, followlinks=True):
                 dirs.sort()
-                found.extend(os.path.join(root, f) for f in files if is_image_name(f))
+                found.extend(os.path.join(root, f) for f in files if is_image_name(f) or is_video_name(f))
             paths = sorted(found)
         elif os.path.isfile(source) and os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
             with open(source, encoding="utf-8") as f:

@@ -23,28 +23,37 @@ from internvit._fileio import atomic_write
 
 METADATA_KEY = b"internvit"
 # Settings that must agree between a file and a run that appends to it.
-COMPATIBLE_KEYS = ("model", "dtype", "layers", "patch_tokens", "preprocess", "hidden_size")
+COMPATIBLE_KEYS = ("model", "dtype", "layers", "patch_tokens", "visual_tokens", "projector", "tiles", "max_tiles",
+                   "frames", "preprocess", "hidden_size")
 
 
 class OutputMismatchError(ValueError):
     """The existing output was written with other settings; resuming would mix incompatible rows."""
 
 
-def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: int = 0,
-                   metadata: dict | None = None) -> pa.Schema:
+def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: bool = False,
+                   visual_tokens: int = 0, metadata: dict | None = None) -> pa.Schema:
+    """The output columns (see `extract/local.py` and the README for their meaning)."""
     vec = pa.list_(pa.float32(), hidden_size)
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("num_tiles", pa.int32()),
+        pa.field("grid_cols", pa.int32()),
+        pa.field("grid_rows", pa.int32()),
+        pa.field("frame_indices", pa.list_(pa.int32())),
         pa.field("cls", vec),
         pa.field("mean", vec),
     ]
     for i in layers:
         fields += [pa.field(f"cls_l{i}", vec), pa.field(f"mean_l{i}", vec)]
     if patch_tokens:
-        fields.append(pa.field("patch_tokens", pa.list_(vec, patch_tokens)))
+        fields += [pa.field("map_height", pa.int32()), pa.field("map_width", pa.int32()),
+                   pa.field("patch_tokens", pa.list_(vec))]
+    if visual_tokens:
+        fields.append(pa.field("visual_tokens", pa.list_(pa.list_(pa.float32(), visual_tokens))))
     meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=meta)
 

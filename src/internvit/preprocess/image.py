@@ -41,6 +41,17 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .jp2 .avif .heic"
+    .split()
+)
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """Whether a file name has an image extension (how folders are walked; content is checked when opened)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
 class ImageLoadError(ValueError):
     """An input could not be opened as an image; the message starts with the input's name."""
 

@@ -1,0 +1,120 @@
+"""InternVL 2.5 dynamic high-resolution tiling: 1..max_tiles tiles of 448 px chosen by aspect ratio, plus a thumbnail.
+
+References:
+    - InternVL `dynamic_preprocess` / `find_closest_aspect_ratio` (spec/internvit.md §4, [S4], [S9]): the grid,
+      its tie-break rules, the bicubic resize of the whole image to the grid, raster-order crops, thumbnail last.
+    - Multi-image samples share the budget: `max(1, max_tiles // n)` tiles per image ([S5]).
+
+Differs from transformers' `GotOcr2ImageProcessor(crop_to_patches=True)`, which re-implements the same rule: there
+the candidates with the same tile count are visited in (columns, rows) order; InternVL visits them in the
+iteration order of a Python set. The two pick different grids only when two grids with the same tile count are
+exactly as close to the image's aspect ratio (e.g. 4x1 and 1x4 for a 2125x1000 image); we follow InternVL,
+because that is what the model saw in training (tests/unit/test_tiling.py lists those cases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image
+
+TILE_SIZE = 448
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where each tile of an image came from, so that features map back to pixels.
+
+    Attributes:
+        image_size: (width, height) of the source image.
+        grid: (columns, rows) of the tile grid.
+        boxes: per grid tile, in raster order, its (left, top, right, bottom) in source pixels (floats: the
+            source is resized to the grid, so a tile covers a fractional region of it).
+        thumbnail: whether a thumbnail of the whole image follows the grid tiles.
+        tile_size: side of each tile in pixels.
+    """
+
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    boxes: tuple[tuple[float, float, float, float], ...]
+    thumbnail: bool
+    tile_size: int = TILE_SIZE
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles the encoder sees for this image, the thumbnail included."""
+        return len(self.boxes) + int(self.thumbnail)
+
+
+@lru_cache(maxsize=256)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """The grids (columns, rows) InternVL considers, in the order it visits them.
+
+    Built exactly as InternVL builds it, a set sorted by tile count: within one tile count the order is CPython's
+    set iteration order, which is deterministic for tuples of small ints and decides exact ties.
+    """
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+    ratios = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
+
+
+def choose_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12,
+                tile_size: int = TILE_SIZE) -> tuple[int, int]:
+    """InternVL's `find_closest_aspect_ratio`: the grid (columns, rows) closest to width/height.
+
+    On an exact tie a later candidate wins only if the image has more than half the pixels of its tiles; a small
+    image is still up-scaled to an exactly matching grid (spec §4).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect_ratio = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_budget(num_images: int, max_tiles: int) -> int:
+    """Tiles per image when `num_images` images share one sample's budget (InternVL multi-image training)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    return max(1, max_tiles // num_images)
+
+
+def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12, tile_size: int = TILE_SIZE,
+                  use_thumbnail: bool = True) -> tuple[list[Image.Image], TileLayout]:
+    """Cut an RGB image into tiles exactly as InternVL's `dynamic_preprocess`.
+
+    The whole image is resized (PIL bicubic) to columns*tile_size x rows*tile_size, cut in raster order, and
+    a thumbnail (the whole image squashed to tile_size) is appended when there is more than one tile.
+
+    Returns:
+        The tiles (tile_size x tile_size PIL images, thumbnail last) and their layout.
+    """
+    width, height = image.size
+    cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size)
+    resized = image.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
+    tiles, boxes = [], []
+    sx, sy = width / cols, height / rows
+    for r in range(rows):
+        for c in range(cols):
+            tiles.append(resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)))
+            boxes.append((c * sx, r * sy, (c + 1) * sx, (r + 1) * sy))
+    thumbnail = use_thumbnail and len(tiles) != 1
+    if thumbnail:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles, TileLayout((width, height), (cols, rows), tuple(boxes), thumbnail, tile_size)
