@@ -1,7 +1,11 @@
 """internvit: InternViT-300M-448px-V2_5 in plain PyTorch, the official checkpoint unchanged.
 
 Public API (see README.md):
-    from_pretrained, InternVisionConfig, InternVisionModel, PRESETS, ImageProcessor, open_image, extract_features
+    from_pretrained, InternVisionConfig, InternVisionModel, PRESETS          the encoder
+    ImageProcessor, open_image, tile_transform                              preprocessing
+    dynamic_tiles, tile_image, encode_images, visual_tokens, load_frames    the InternVL 2.5 pipeline
+    Projector, load_projector, pixel_unshuffle                              the ViT -> LLM glue
+    extract_features                                                        files -> Parquet
 """
 
 from internvit.config import PRESETS as PRESETS
@@ -13,15 +17,28 @@ from internvit.weights import from_pretrained as from_pretrained
 
 __version__ = "0.1.0"
 
+# Loaded on first use, so that `import internvit` pulls in neither Pillow nor pyarrow.
+_LAZY = {
+    "ImageProcessor": "internvit.preprocess",
+    "ImageLoadError": "internvit.preprocess",
+    "open_image": "internvit.preprocess",
+    "tile_transform": "internvit.preprocess",
+    "dynamic_tiles": "internvit.preprocess.tiling",
+    "TileLayout": "internvit.preprocess.tiling",
+    "load_frames": "internvit.preprocess.video",
+    "tile_image": "internvit.features",
+    "encode_images": "internvit.features",
+    "visual_tokens": "internvit.features",
+    "Projector": "internvit.model.projector",
+    "load_projector": "internvit.model.projector",
+    "pixel_unshuffle": "internvit.model.projector",
+    "extract_features": "internvit.extract",
+}
+
 
 def __getattr__(name: str):
-    # Preprocessing and extraction import PIL/pyarrow; keep `import internvit` light and load them on first use.
-    if name in ("ImageProcessor", "open_image", "ImageLoadError", "tile_transform"):
-        from internvit import preprocess
+    if name in _LAZY:
+        import importlib
 
-        return getattr(preprocess, name)
-    if name == "extract_features":
-        from internvit.extract import extract_features
-
-        return extract_features
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'internvit' has no attribute {name!r}")
