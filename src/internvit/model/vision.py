@@ -261,12 +261,13 @@ class InternVisionModel(nn.Module):
     @torch.no_grad()
     def resize_pos_embeddings(self, image_size: int) -> None:
         """Permanently resample the position embeddings for a new native image size (fp32 bicubic, spec §2.2)."""
-        g = image_size // self.config.patch_size
+        config = self.config.replace(image_size=image_size)  # validates before anything changes
+        g = config.grid_size
         emb = self.embeddings
         patch = emb._patch_position_embedding(g, g)
         emb.position_embedding = nn.Parameter(torch.cat([emb.position_embedding[:, :1], patch], dim=1))
         emb.grid_size = g
-        self.config = self.config.replace(image_size=image_size)
+        self.config = config
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

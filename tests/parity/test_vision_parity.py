@@ -1,0 +1,247 @@
+"""Full-size InternViT-300M parity with timm and transformers, on one set of random weights.
+
+The weights are timm's `vit_intern300m_patch14_448` with every parameter randomised (tests/conftest.py). Each model
+gets them through its own, test-written route:
+    - timm: the model itself (its state dict is also saved as a file in timm's layout);
+    - ours: the official layout, written by the test with the renames of spec/peers.md §1, plus the official
+      config.json (tests/fixtures/config_300m.json); the timm-layout file must load to the same tensors;
+    - transformers: `InternVLVisionModel` loaded with `strict=True` from the renames of spec/peers.md §2
+      (q/k/v = rows [:C], [C:2C], [2C:] of the fused qkv), written in conftest, never through internvit.
+
+Run with `-s` to see the measured figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import internvit
+from conftest import timm_to_transformers
+
+pytestmark = pytest.mark.parity
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+FP32_ATOL = 1e-4
+BF16_MIN_COSINE = 0.999
+
+
+def report(label: str, value: float) -> None:
+    print(f"\n[parity] {label}: {value:.3e}" if value < 0.9 else f"\n[parity] {label}: {value:.6f}", end="")
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One cosine similarity per sample, over all its tokens and channels."""
+    return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
+
+
+# ---- the three models, built once per module ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timm_model(random_300m):
+    return random_300m.timm_model
+
+
+@pytest.fixture(scope="module")
+def hf_model(random_300m):
+    config = transformers.InternVLVisionConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
+        patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+        use_mean_pooling=True, layer_scale_init_value=0.1, attn_implementation="sdpa",
+    )
+    model = transformers.InternVLVisionModel(config)
+    model.load_state_dict(timm_to_transformers(random_300m.timm_state_dict()), strict=True)
+    assert model.config._attn_implementation == "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(random_300m):
+    model = internvit.from_pretrained(random_300m.official_dir, dtype="fp32")
+    assert model.dtype == torch.float32
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels_448():
+    return torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(448))
+
+
+@pytest.fixture(scope="module")
+def pixels_448x672():
+    return torch.randn(1, 3, 448, 672, generator=torch.Generator().manual_seed(672))
+
+
+@pytest.fixture(scope="module")
+def out_448(timm_model, hf_model, ours, pixels_448):
+    with torch.no_grad():
+        timm_feats = timm_model.forward_features(pixels_448)
+        return {
+            "timm": timm_feats,
+            "timm_cls": timm_model.forward_head(timm_feats, pre_logits=True),  # global_pool='token': raw CLS
+            "hf": hf_model(pixels_448).last_hidden_state,
+            "ours": ours(pixels_448),
+        }
+
+
+@pytest.fixture(scope="module")
+def out_448x672(timm_model, hf_model, ours, pixels_448x672):
+    x = pixels_448x672
+    with torch.no_grad():
+        timm_default = timm_model.forward_features(x)  # timm resamples with antialias=True
+        with pytest.MonkeyPatch.context() as mp:
+            from timm.layers import pos_embed
+
+            mp.setattr(
+                timm.models.vision_transformer,
+                "resample_abs_pos_embed",
+                functools.partial(pos_embed.resample_abs_pos_embed, antialias=False),
+            )
+            timm_official_kernel = timm_model.forward_features(x)
+        return {
+            "timm": timm_official_kernel,
+            "timm_default": timm_default,
+            "hf": hf_model(x).last_hidden_state,
+            "ours": ours(x).last_hidden_state,
+        }
+
+
+# ---- weights ---------------------------------------------------------------------------------------------
+
+
+def test_official_config_and_size(ours):
+    assert sum(p.numel() for p in ours.parameters()) == 304_012_288
+    assert ours.config.extra["architectures"] == ["InternVisionModel"]
+    assert (ours.config.hidden_size, ours.config.num_hidden_layers, ours.config.num_attention_heads) == (1024, 24, 16)
+
+
+def test_timm_layout_file_loads_the_same_tensors(random_300m, ours):
+    from_timm = internvit.from_pretrained(random_300m.timm_file, dtype="fp32")  # no config.json next to it
+    assert from_timm.config.num_attention_heads == 16 and from_timm.config.image_size == 448
+    expected = ours.state_dict()
+    got = from_timm.state_dict()
+    assert set(got) == set(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+# ---- fp32 at 448 x 448, batch 2 --------------------------------------------------------------------------
+
+
+def test_fp32_448_shapes(out_448):
+    assert out_448["ours"].last_hidden_state.shape == (2, 1025, 1024)
+    assert out_448["timm"].shape == out_448["hf"].shape == (2, 1025, 1024)
+
+
+def test_peers_agree_with_each_other_448(out_448):
+    # the two test-written mappings (timm weights as-is, transformers renames) describe one function
+    diff = max_abs(out_448["hf"], out_448["timm"])
+    report("fp32 448x448 transformers vs timm max abs", diff)
+    assert diff <= FP32_ATOL
+
+
+def test_fp32_448_vs_timm(out_448):
+    diff = max_abs(out_448["ours"].last_hidden_state, out_448["timm"])
+    report("fp32 448x448 ours vs timm max abs", diff)
+    assert diff <= FP32_ATOL
+
+
+def test_fp32_448_vs_transformers(out_448):
+    diff = max_abs(out_448["ours"].last_hidden_state, out_448["hf"])
+    report("fp32 448x448 ours vs transformers max abs", diff)
+    assert diff <= FP32_ATOL
+
+
+def test_pooler_output_is_timm_cls_token(out_448):
+    diff = max_abs(out_448["ours"].pooler_output, out_448["timm_cls"])
+    report("fp32 448x448 pooler_output vs timm CLS max abs", diff)
+    assert out_448["ours"].pooler_output.shape == (2, 1024)
+    assert diff <= FP32_ATOL
+
+
+def test_outputs_are_not_trivial(out_448):
+    # random weights that reach the output: the samples differ and the activations are O(1) or larger
+    y = out_448["ours"].last_hidden_state
+    assert y.abs().mean() > 0.1
+    assert max_abs(y[0], y[1]) > 0.1
+
+
+# ---- fp32 at 448 x 672 (H x W), batch 1: position embeddings resampled at runtime -------------------------
+
+
+def test_fp32_448x672_shapes(out_448x672):
+    assert out_448x672["ours"].shape == (1, 1 + 32 * 48, 1024)
+
+
+def test_fp32_448x672_vs_timm_with_official_kernel(out_448x672):
+    diff = max_abs(out_448x672["ours"], out_448x672["timm"])
+    report("fp32 448x672 ours vs timm (antialias=False) max abs", diff)
+    assert diff <= FP32_ATOL
+
+
+def test_fp32_448x672_vs_transformers(out_448x672):
+    diff = max_abs(out_448x672["ours"], out_448x672["hf"])
+    report("fp32 448x672 ours vs transformers max abs", diff)
+    assert diff <= FP32_ATOL
+
+
+def test_timm_default_antialias_differs_from_official(out_448x672):
+    # timm's runtime resampling uses antialias=True, a different bicubic kernel from the official
+    # F.interpolate(bicubic, align_corners=False) even when upsampling (spec/peers.md §1).
+    diff = max_abs(out_448x672["timm_default"], out_448x672["ours"])
+    report("fp32 448x672 ours vs timm default (antialias=True) max abs", diff)
+    assert diff > 1e-3
+
+
+# ---- bf16 -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def out_bf16(random_300m, timm_model, hf_model, pixels_448, out_448):
+    x = pixels_448.bfloat16()
+    ours_bf16 = internvit.from_pretrained(random_300m.official_dir, dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in ours_bf16.parameters())
+    with torch.no_grad():
+        out = {"ours": ours_bf16(x).last_hidden_state}
+        del ours_bf16
+        timm_bf16 = copy.deepcopy(timm_model).to(torch.bfloat16)
+        out["timm"] = timm_bf16.forward_features(x)
+        del timm_bf16
+        hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+        out["hf"] = hf_bf16(x).last_hidden_state
+        del hf_bf16
+    out["timm_fp32"] = out_448["timm"]
+    return out
+
+
+def test_bf16_vs_timm(out_bf16):
+    assert out_bf16["ours"].dtype == out_bf16["timm"].dtype == torch.bfloat16
+    cos = cosines(out_bf16["ours"], out_bf16["timm"])
+    report("bf16 448x448 ours vs timm bf16 min cosine", cos.min().item())
+    assert (cos >= BF16_MIN_COSINE).all(), cos
+
+
+def test_bf16_vs_transformers(out_bf16):
+    cos = cosines(out_bf16["ours"], out_bf16["hf"])
+    report("bf16 448x448 ours vs transformers bf16 min cosine", cos.min().item())
+    assert (cos >= BF16_MIN_COSINE).all(), cos
+
+
+def test_bf16_vs_fp32_reference(out_bf16):
+    # for scale: how far bf16 itself moves each implementation from the fp32 function
+    ours = cosines(out_bf16["ours"], out_bf16["timm_fp32"])
+    timm_ = cosines(out_bf16["timm"], out_bf16["timm_fp32"])
+    report("bf16 448x448 ours vs timm fp32 min cosine", ours.min().item())
+    report("bf16 448x448 timm bf16 vs timm fp32 min cosine", timm_.min().item())
+    assert (ours >= BF16_MIN_COSINE).all(), ours
