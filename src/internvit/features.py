@@ -52,7 +52,7 @@ def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles:
     """Tile several images. With `share_budget` (InternVL's multi-image training) each image gets
     `max(1, max_tiles // len(images))` tiles; the model card's chat inference tiles each image on its own."""
     per_image = tile_budget(len(images), max_tiles) if share_budget else max_tiles
-    return [tile_image(im, min_tiles=min(min_tiles, per_image), max_tiles=per_image, use_thumbnail=use_thumbnail,
+    return [tile_image(im, min_tiles=min_tiles, max_tiles=per_image, use_thumbnail=use_thumbnail,
                        tile_size=tile_size) for im in images]
 
 

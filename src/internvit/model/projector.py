@@ -109,7 +109,7 @@ def load_projector(name_or_path: str | os.PathLike, *, dtype=None, device=None, 
     """The `mlp1` projector of an InternVL chat checkpoint (local folder or Hub repo id), with its config."""
     from internvit.weights import CheckpointError, parse_dtype, read_state_dict, resolve
 
-    ckpt = resolve(name_or_path, revision=revision)
+    ckpt = resolve(name_or_path, revision=revision, prefixes=("mlp1.",))
     if ckpt.config_path is None:
         raise CheckpointError(f"{ckpt.source}: no config.json, so the projector's sizes are unknown")
     config = ProjectorConfig.from_chat_config(json.loads(ckpt.config_path.read_text()))

@@ -8,8 +8,9 @@ References:
 Differs from transformers' `GotOcr2ImageProcessor(crop_to_patches=True)`, which re-implements the same rule: there
 the candidates with the same tile count are visited in (columns, rows) order; InternVL visits them in the
 iteration order of a Python set. The two pick different grids only when two grids with the same tile count are
-exactly as close to the image's aspect ratio (e.g. 4x1 and 1x4 for a 2125x1000 image); we follow InternVL,
-because that is what the model saw in training (tests/unit/test_tiling.py lists those cases).
+exactly as close to the image's aspect ratio, which needs min_tiles > 1 (e.g. a 10x4 image with min = max = 4:
+InternVL takes 4x1, transformers 2x2); we follow InternVL, because that is what the model saw in training
+(tests/unit/test_tiling.py checks every disagreement is of this kind).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     Built exactly as InternVL builds it, a set sorted by tile count: within one tile count the order is CPython's
     set iteration order, which is deterministic for tuples of small ints and decides exact ties.
     """
-    if not 1 <= min_tiles <= max_tiles:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+    if min_tiles < 1 or max_tiles < 1:
+        raise ValueError(f"need min_tiles >= 1 and max_tiles >= 1, got {min_tiles} and {max_tiles}")
+    # min_tiles > max_tiles (a shared multi-image budget below min_tiles) leaves no candidate, and the image
+    # becomes a single tile, as in InternVL.
     ratios = set(
         (i, j)
         for n in range(min_tiles, max_tiles + 1)
@@ -109,11 +112,10 @@ def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12
     cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size)
     resized = image.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
     tiles, boxes = [], []
-    sx, sy = width / cols, height / rows
     for r in range(rows):
         for c in range(cols):
             tiles.append(resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)))
-            boxes.append((c * sx, r * sy, (c + 1) * sx, (r + 1) * sy))
+            boxes.append((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows))
     thumbnail = use_thumbnail and len(tiles) != 1
     if thumbnail:
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
