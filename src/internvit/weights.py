@@ -380,7 +380,7 @@ def from_pretrained(
     device: str | torch.device | None = None,
     revision: str | None = None,
     config: InternVisionConfig | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     cache_dir: str | None = None,
 ) -> InternVisionModel:
     """Load an InternViT encoder, in eval mode.
@@ -393,7 +393,7 @@ def from_pretrained(
         device: where to put the weights; None leaves them on the CPU, memory-mapped.
         revision: a Hub branch, tag or commit.
         config: overrides the checkpoint's config.json (needed for a timm state dict of an unknown size).
-        attn_implementation: "sdpa" (default) or "eager" (the official naive attention).
+        attn_implementation: "auto" (default), "sdpa", "blocked" or "eager" (see `InternVisionModel`).
         cache_dir: a Hugging Face cache folder other than the default.
 
     The loaded model carries `model.checkpoint` (the resolved files), which `ImageProcessor.from_pretrained` and
