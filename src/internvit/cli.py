@@ -107,9 +107,11 @@ def _run(args: argparse.Namespace) -> int:
             flush_seconds=args.flush_seconds,
             progress=not args.quiet,
         )
+        busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
         print(
             f"{s.out}: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, "
-            f"{s.failed} failed; {s.seconds:.1f} s",
+            f"{s.failed} failed; {s.seconds:.1f} s ({s.load_seconds:.1f} s loading the model, {s.tiles} tiles, "
+            f"encoder busy {100 * busy:.0f}% of the rest)",
             file=sys.stderr,
         )
         return 0 if s.ok else 1

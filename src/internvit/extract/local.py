@@ -40,7 +40,10 @@ class ExtractSummary:
     skipped: int  # already in the output from an earlier run
     processed: int  # rows written by this run
     failed: int  # rows with an error in the final output
-    seconds: float
+    seconds: float  # wall time of the whole call
+    load_seconds: float = 0.0  # of which loading the model
+    model_seconds: float = 0.0  # of which the encoder was busy (its share of the rest is the pipeline's efficiency)
+    tiles: int = 0  # tiles encoded by this run
 
     @property
     def ok(self) -> bool:
@@ -181,6 +184,7 @@ def extract_features(
     paths = expand_sources(sources)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_load = time.perf_counter()
     if isinstance(model, torch.nn.Module):
         vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
     else:
@@ -192,6 +196,7 @@ def extract_features(
 
         proj = load_projector(projector, dtype=vit.dtype, device=device)
         visual_tokens = True
+    load_seconds = time.perf_counter() - t_load
     ckpt = getattr(vit, "checkpoint", None)
     processor = (ImageProcessor.from_json(ckpt.preprocessor_path)
                  if ckpt is not None and ckpt.preprocessor_path else ImageProcessor())
@@ -242,7 +247,8 @@ def extract_features(
     if Path(out).is_file():
         errors = pq.read_table(out, columns=["error"]).column("error")
         failed = len(errors) - errors.null_count
-    return ExtractSummary(Path(out), len(paths), len(paths) - len(todo), len(todo), failed, time.perf_counter() - start)
+    return ExtractSummary(Path(out), len(paths), len(paths) - len(todo), len(todo), failed,
+                          time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
 
 
 class _Encoder:
@@ -255,14 +261,19 @@ class _Encoder:
         select = projector.config.select_layer if projector is not None else -1
         self.visual_layer = -1 if select in (-1, L) else (select + L + 1 if select < 0 else select)
         self.wanted = tuple(dict.fromkeys((-1, *layers, self.visual_layer)))
+        self.seconds = 0.0  # time in the encoder
+        self.tiles = 0
 
     @torch.inference_mode()
     def __call__(self, items: list[_Item]) -> dict:
         from internvit.features import encode_tiles
 
         ok = [it for it in items if it.pixels is not None]
-        for it, tokens in zip(ok, encode_tiles(self.vit, [it.pixels for it in ok], micro_batch=self.micro_batch,
-                                               layers=self.wanted)):
+        t = time.perf_counter()
+        encoded = encode_tiles(self.vit, [it.pixels for it in ok], micro_batch=self.micro_batch, layers=self.wanted)
+        self.seconds += time.perf_counter() - t
+        self.tiles += sum(int(it.pixels.shape[0]) for it in ok)
+        for it, tokens in zip(ok, encoded):
             it.tokens = tokens
         valid = np.array([it.pixels is not None for it in items], dtype=bool)
         columns: dict = {

@@ -1,0 +1,382 @@
+"""InternViT-300M forward speed: internvit against timm and transformers, and against this machine's GEMM peak.
+
+One run measures, on this machine, in one process per dtype with the implementations interleaved:
+    - tiles/s and achieved GFLOP/s at batch 1 and 13 (12 tiles + a thumbnail), fp32 and bf16, the same random
+      weights in every implementation (loaded through each one's own key layout);
+    - the machine's matmul peak for the model's shapes (the four linears of a layer at the batch's row count),
+      measured in the same process between the forwards, so ratios do not suffer from drift;
+    - the peak RSS of a process that builds each implementation and runs one forward at the largest batch;
+and, in a fresh process, the load time and RSS of a bf16 300M checkpoint with `internvit.from_pretrained`.
+Writes benchmarks/results/vit_<cpu>_<date>.{json,md,png}.
+
+    python benchmarks/bench_vit.py                   # the full table (about 15 minutes on 2 cores)
+    python benchmarks/bench_vit.py --batches 1 --rounds 1 --impls internvit,timm   # quicker
+
+Needs the `bench` extra (timm, transformers, matplotlib). A 448 tile is 723.6 GFLOP (spec/cpu_baseline.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GFLOP_PER_TILE = 723.6  # 24 x (25.80 linears + 4.30 attention) + 1.23 patch embedding (cpu_baseline.md)
+TOKENS, HIDDEN, MLP = 1025, 1024, 4096
+LINEAR_SHAPES = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, MLP), (MLP, HIDDEN)]  # (in, out): qkv, proj, fc1, fc2
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- the worker: one implementation, one dtype ------------------------------------------------------------
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def matmul_peak(torch, dtype, rows: int, repeats: int = 3) -> dict:
+    """GFLOP/s of the model's four linears at `rows` rows (and at one tile's 1025 rows, the faster on CPU);
+    per shape the better of the two, combined by FLOP weight (time-weighted harmonic mean)."""
+    F = torch.nn.functional
+    out = {}
+    for m in sorted({TOKENS, rows}):
+        total_flop, total_s = 0.0, 0.0
+        for k, n in LINEAR_SHAPES:
+            x, w, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+            F.linear(x, w, b)
+            best = min(_timed(lambda: F.linear(x, w, b)) for _ in range(repeats))
+            total_flop += 2 * m * k * n
+            total_s += best
+            out.setdefault("per_shape", {})[f"{m}x{k}x{n}"] = round(2 * m * k * n / best / 1e9, 1)
+        out[f"rows_{m}"] = total_flop / total_s / 1e9
+    best_rate = {}
+    for k, n in LINEAR_SHAPES:
+        best_rate[(k, n)] = max(out["per_shape"][f"{m}x{k}x{n}"] for m in sorted({TOKENS, rows}))
+    flop = [2 * k * n for k, n in LINEAR_SHAPES]
+    out["peak"] = sum(flop) / sum(f / best_rate[s] for f, s in zip(flop, LINEAR_SHAPES))
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def build(impl: str, torch, dtype, state_dict):
+    """The model and its forward returning all tokens [B, 1025, 1024], with the given official weights."""
+    if impl == "internvit":
+        import internvit
+
+        model = internvit.InternVisionModel(internvit.PRESETS["300m"])
+        model.load_state_dict(state_dict)
+        model = model.to(dtype).eval()
+        return lambda x: model(x).last_hidden_state
+    if impl == "timm":
+        import timm
+
+        model = timm.create_model("vit_intern300m_patch14_448", pretrained=False)
+        model.load_state_dict(to_timm(state_dict))
+        model = model.to(dtype).eval()
+        return model.forward_features
+    if impl == "transformers":
+        from transformers import InternVLVisionConfig, InternVLVisionModel
+
+        cfg = InternVLVisionConfig(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
+            patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+            use_mean_pooling=True, layer_scale_init_value=1.0, attn_implementation="sdpa")
+        model = InternVLVisionModel(cfg)
+        model.load_state_dict(to_transformers(state_dict))
+        model = model.to(dtype).eval()
+        return lambda x: model(pixel_values=x).last_hidden_state
+    raise ValueError(impl)
+
+
+def to_timm(sd: dict) -> dict:
+    """Official keys -> timm's (spec/peers.md §1)."""
+    ren = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+           "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    out = {}
+    for k, v in sd.items():
+        if k in ren:
+            out[ren[k]] = v
+        else:
+            k = k.replace("encoder.layers.", "blocks.")
+            out[k + ".gamma" if k.endswith((".ls1", ".ls2")) else k] = v
+    return out
+
+
+def to_transformers(sd: dict) -> dict:
+    """Official keys -> transformers' InternVLVisionModel (spec/peers.md §2), qkv split into q/k/v."""
+    ren = [("embeddings.class_embedding", "embeddings.cls_token"),
+           ("embeddings.position_embedding", "embeddings.position_embeddings"),
+           ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+           ("encoder.layers.", "encoder.layer."), (".ls1", ".lambda_1"), (".ls2", ".lambda_2"),
+           (".norm1.", ".layernorm_before."), (".norm2.", ".layernorm_after."),
+           (".attn.proj.", ".attention.projection_layer.")]
+    out = {}
+    for k, v in sd.items():
+        for a, b in ren:
+            k = k.replace(a, b)
+        if ".attn.qkv." in k:
+            for name, part in zip("qkv", v.chunk(3, dim=0)):
+                out[k.replace(".attn.qkv.", f".attention.{name}_proj.")] = part
+        else:
+            out[k] = v
+    return out
+
+
+def worker(impls: list[str], dtype_name: str, batches: list[int], rounds: int, threads: int) -> list[dict]:
+    """All implementations of one dtype in one process, their forwards interleaved round by round with a
+    measurement of the matmul peak, so that the machine's drift (a shared VM) hits every column alike."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    import internvit
+
+    ref = internvit.InternVisionModel(internvit.PRESETS["300m"])
+    ref.init_weights(torch.Generator().manual_seed(0))  # the same random weights in every implementation
+    sd = ref.state_dict()
+    del ref
+    forwards = {impl: build(impl, torch, dtype, sd) for impl in impls}
+    del sd
+    points = {impl: [] for impl in impls}
+    with torch.inference_mode():
+        for forward in forwards.values():
+            forward(torch.randn(1, 3, 448, 448, dtype=dtype))  # warm-up
+        for batch in batches:
+            x = torch.randn(batch, 3, 448, 448, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            times = {impl: [] for impl in impls}
+            peaks = []
+            for _ in range(rounds):
+                peaks.append(matmul_peak(torch, dtype, batch * TOKENS))
+                for impl, forward in forwards.items():
+                    times[impl].append(_timed(lambda: forward(x)))
+            peak = max(peaks, key=lambda p: p["peak"])  # the fastest the GEMMs ran: conservative ratios
+            for impl in impls:
+                best = min(times[impl])
+                points[impl].append({
+                    "batch": batch, "seconds": times[impl], "best_s": best, "tiles_per_s": batch / best,
+                    "gflops": GFLOP_PER_TILE * batch / best, "matmul_peak_gflops": peak["peak"],
+                    "matmul_peak_per_round": [p["peak"] for p in peaks],
+                    "matmul_at_batch_rows_gflops": peak[f"rows_{batch * TOKENS}"],
+                    "matmul_per_shape": peak["per_shape"],
+                })
+    return [{"impl": impl, "dtype": dtype_name, "points": points[impl]} for impl in impls]
+
+
+def memory_worker(impl: str, dtype_name: str, batch: int, threads: int) -> dict:
+    """Peak RSS of one process that builds one implementation and runs one forward at `batch`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    import internvit
+
+    with torch.device("meta"):
+        ref = internvit.InternVisionModel(internvit.PRESETS["300m"])
+    sd = {k: torch.zeros(v.shape, dtype=dtype) for k, v in ref.state_dict().items()}  # built in the target dtype
+    forward = build(impl, torch, dtype, sd)
+    del sd
+    with torch.inference_mode():
+        x = torch.randn(batch, 3, 448, 448, dtype=dtype)
+        loaded = _rss_mb()
+        _reset_peak_rss()  # the peak of the forward with the model loaded, not of building it
+        forward(x)
+    return {"impl": impl, "dtype": dtype_name, "batch": batch, "rss_loaded_mb": loaded,
+            "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def load_worker(path: str, threads: int) -> dict:
+    """Load a bf16 checkpoint as a user does; time and memory before the first batch, then one forward."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import internvit
+
+    base = _rss_mb()
+    _reset_peak_rss()
+    t = time.perf_counter()
+    model = internvit.from_pretrained(path)
+    load_s = time.perf_counter() - t
+    peak_before_batch = _rss_mb("VmHWM") - base
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 448, 448))
+    first_forward_s = time.perf_counter() - t
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"load_s": load_s, "rss_growth_before_first_batch_mb": peak_before_batch, "weights_mb": weights / 2**20,
+            "rss_over_weights": peak_before_batch * 2**20 / weights, "first_forward_s": first_forward_s,
+            "dtype": str(model.dtype)}
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+
+
+def run_child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    fam = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("cpu family")), "?")
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model\t")), "?")
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("timm", "transformers", "internvit"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "cpu_family": fam, "cpu_model": model, "cores": os.cpu_count(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "threads": torch.get_num_threads(),
+            "versions": versions}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# InternViT-300M forward speed, {m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}), "
+        f"{report['date']}",
+        "",
+        f"{m['cores']} cores, {m['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + f". Random weights, the same in every implementation; best of {report['rounds']} timed forwards after a "
+        "warm-up, the implementations interleaved in one process; 723.6 GFLOP per 448 tile. Matmul peak: the "
+        "model's four linear shapes at one tile's rows and at the batch's rows, the faster of the two per shape, "
+        "measured in each round before the forwards; the fastest round is the peak. Peak RSS: a separate process "
+        "per implementation that builds the model in the dtype and runs one forward at the largest batch.",
+        "",
+        "| impl | dtype | batch | s/forward | tiles/s | GFLOP/s | matmul peak | % of peak | vs timm | vs transformers "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["impl"], r["dtype"], p["batch"]): p for r in report["runs"] for p in r["points"]}
+    memory = {(m["impl"], m["dtype"], m["batch"]): f"{m['peak_rss_mb']:.0f}" for m in report.get("memory", [])}
+    for (impl, dtype, batch), p in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        def ratio(peer):
+            q = by.get((peer, dtype, batch))
+            return f"{p['tiles_per_s'] / q['tiles_per_s']:.2f}x" if q and peer != impl else ""
+
+        lines.append(
+            f"| {impl} | {dtype} | {batch} | {p['best_s']:.2f} | {p['tiles_per_s']:.3f} | {p['gflops']:.0f} | "
+            f"{p['matmul_peak_gflops']:.0f} | {100 * p['gflops'] / p['matmul_peak_gflops']:.0f}% | {ratio('timm')} | "
+            f"{ratio('transformers')} | {memory.get((impl, dtype, batch), '')} |")
+    if report.get("load"):
+        ld = report["load"]
+        lines += ["", f"Loading a bf16 300M checkpoint with `internvit.from_pretrained` (fresh process, file in the page "
+                      f"cache): {ld['load_s']:.3f} s; RSS growth before the first batch {ld['rss_growth_before_first_batch_mb']:.0f} MB "
+                      f"= {ld['rss_over_weights']:.2f}x the {ld['weights_mb']:.0f} MB of weights; first forward "
+                      f"{ld['first_forward_s']:.2f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    labels = sorted({(r["dtype"], p["batch"]) for r in runs for p in r["points"]})
+    impls = list(dict.fromkeys(r["impl"] for r in runs))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        vals = []
+        for dtype, batch in labels:
+            p = next((p for r in runs if r["impl"] == impl and r["dtype"] == dtype for p in r["points"]
+                      if p["batch"] == batch), None)
+            vals.append(p["tiles_per_s"] if p else 0)
+        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=impl)
+    ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))],
+                  [f"{d}, batch {b}" for d, b in labels])
+    ax.set_ylabel("448 tiles / s")
+    ax.set_title(f"InternViT-300M on {report['machine']['cpu']}, {report['machine']['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", default="internvit,timm,transformers")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--batches", default="1,13")
+    ap.add_argument("--rounds", type=int, default=2, help="timed forwards per point (the best is reported)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-load", action="store_true", help="skip the checkpoint-loading measurement")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_load", help=argparse.SUPPRESS)
+    ap.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args._worker:
+        impls, dtype = args._worker
+        print(json.dumps(worker(impls.split(","), dtype, batches, args.rounds, args.threads)))
+        return
+    if args._memory:
+        impl, dtype, batch = args._memory
+        print(json.dumps(memory_worker(impl, dtype, int(batch), args.threads)))
+        return
+    if args._load:
+        print(json.dumps(load_worker(args._load, args.threads)))
+        return
+
+    report = {"date": dt.date.today().isoformat(), "machine": machine(), "rounds": args.rounds, "runs": []}
+    for dtype in args.dtypes.split(","):
+        print(f"[bench] {args.impls} {dtype} batches {batches} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        report["runs"] += run_child(["--_worker", args.impls, dtype, "--batches", args.batches,
+                                     "--rounds", str(args.rounds), "--threads", str(args.threads)])
+        print(f"[bench]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    report["memory"] = []
+    for dtype in args.dtypes.split(","):
+        for impl in args.impls.split(","):
+            print(f"[bench] peak RSS: {impl} {dtype} batch {max(batches)} ...", file=sys.stderr, flush=True)
+            report["memory"].append(run_child(["--_memory", impl, dtype, str(max(batches)),
+                                               "--threads", str(args.threads)]))
+    if not args.no_load:
+        import internvit.weights
+
+        with tempfile.TemporaryDirectory() as tmp:
+            internvit.weights.init_checkpoint(tmp, preset="300m", dtype="bf16")
+            report["load"] = run_child(["--_load", tmp, "--threads", str(args.threads)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = report["machine"]["cpu"].lower().replace(" ", "-")
+    stem = args.out / f"vit_{cpu}-fam{report['machine']['cpu_family']}_{report['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    chart(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
