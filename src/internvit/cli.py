@@ -65,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make finished rows durable at least this often; a kill loses at most this much (default: 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
+                       description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
+                       "what is trainable, the learning rate, warmup, weight decay and drop-path (spec §6.1); every "
+                       "option can be overridden with --set KEY=VALUE. Rerunning with the same --out resumes.")
+    p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])
+    p.add_argument("--meta", required=True, help="meta JSON: {name: {root, annotation, ...}}")
+    p.add_argument("--llm", help="Hugging Face causal LM (id or folder) to build the model around")
+    p.add_argument("--vision", help=f"InternViT checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--init", help="an InternVL chat checkpoint to start from instead of --llm/--vision")
+    p.add_argument("--out", required=True, help="run folder (config, log, last/ for resuming, final/, vision/)")
+    p.add_argument("--max-steps", type=_positive)
+    p.add_argument("--batch-size", type=_positive, help="samples per process and micro-step")
+    p.add_argument("--grad-accum", type=_positive)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-tiles", type=_positive)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
     p.add_argument("out_dir")
     p.add_argument("--preset", default="300m", choices=["300m", "6b", "tiny"])
@@ -115,6 +134,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0 if s.ok else 1
+    if args.command == "train":
+        return _train(args)
     if args.command == "init":
         from internvit.weights import init_checkpoint
 
@@ -128,6 +149,36 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote the official layout to {out}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from internvit.train.data import ConversationDataset, load_meta
+    from internvit.train.loop import build_model, train
+    from internvit.train.stages import STAGES, TrainConfig
+
+    overrides = {k: v for k, v in {"max_steps": args.max_steps, "batch_size": args.batch_size,
+                                   "grad_accum": args.grad_accum, "lr": args.lr, "max_tiles": args.max_tiles}.items()
+                 if v is not None}
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise ValueError(f"--set {item}: unknown option {key!r}; options: {', '.join(sorted(types))}")
+        overrides[key] = json.loads(value) if value[:1] in "[{tf0123456789-." and value not in ("", "-") else value
+    cfg = STAGES[args.stage](**overrides)
+    model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
+                                   trust_remote_code=args.trust_remote_code)
+    dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
+                                  num_image_token=model.num_image_token, max_seq_length=cfg.max_seq_length,
+                                  tile_size=model.vision_model.config.image_size, seed=cfg.seed)
+    rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet)
+    if rows:
+        print(f"stage {cfg.stage}: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
+              f"run folder {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

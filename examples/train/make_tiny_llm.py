@@ -1,0 +1,15 @@
+"""Build the worked example's tiny LLM (a random 2-layer Qwen2) and its tokenizer, trained on the example texts.
+
+    python examples/train/make_tiny_llm.py runs/tiny-llm
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from internvit.train.tiny import build_tiny_llm
+
+here = Path(__file__).parent
+texts = [turn["value"] for line in open(here / "conversations.jsonl") for turn in json.loads(line)["conversations"]]
+build_tiny_llm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-llm", texts * 50)
+print(f"wrote {sys.argv[1] if len(sys.argv) > 1 else 'runs/tiny-llm'}")

@@ -1,0 +1,262 @@
+"""InternVL 2.5's ViT-MLP-LLM: InternViT -> pixel unshuffle -> `mlp1` -> any Hugging Face causal LM.
+
+References:
+    - InternVL `InternVLChatModel` (spec/internvit.md §5, [S3]): `extract_feature`, the `<IMG_CONTEXT>` embedding
+      replacement in order, `chat()` / `batch_chat()` (left padding), the chat checkpoint layout (`vision_model.`,
+      `mlp1.`, `language_model.` keys; `vision_config`, `llm_config`, `downsample_ratio`, `ps_version`,
+      `select_layer`, `template` in config.json).
+    - `internvl_chat/internvl/conversation.py` template `internvl2_5` (spec §5.3) and the special tokens of
+      `train/constants.py` [S7].
+
+Differs from InternVL: no remote code and no flash-attn (the LLM is whatever `AutoModelForCausalLM` builds, with
+its own attention); the LLM is imported lazily (`[train]` extra: transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internvit.config import InternVisionConfig
+from internvit.model.projector import ProjectorConfig, unshuffle_tokens
+from internvit.model.vision import InternVisionModel
+
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+SPECIAL_TOKENS = [IMG_CONTEXT_TOKEN, IMG_START_TOKEN, IMG_END_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                  "</box>"]
+DEFAULT_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+IGNORE_INDEX = -100
+
+
+def render_template(turns: list[tuple[str, str | None]], system: str = DEFAULT_SYSTEM) -> str:
+    """The `internvl2_5` (MPT-style) prompt: roles "user"/"assistant"; a None message opens the assistant turn."""
+    out = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for role, message in turns:
+        out += f"<|im_start|>{role}\n"
+        if message is not None:
+            out += f"{message}<|im_end|>\n"
+    return out
+
+
+def image_tokens(num_tiles: int, num_image_token: int = 256) -> str:
+    """What replaces one `<image>`: `<img>` + `<IMG_CONTEXT>` x (256 per tile) + `</img>`."""
+    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_tiles) + IMG_END_TOKEN
+
+
+def add_special_tokens(tokenizer, llm: nn.Module | None = None) -> int:
+    """Add InternVL's tokens to a tokenizer (and grow the LLM's embeddings: new rows = the mean of the old ones,
+    as InternVL's training does, spec §6.1). Returns the id of `<IMG_CONTEXT>`."""
+    added = tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    if llm is not None and added:
+        old = llm.get_input_embeddings().weight.shape[0]
+        new = len(tokenizer)
+        if new > old:
+            llm.resize_token_embeddings(new, mean_resizing=False)
+            with torch.no_grad():
+                for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()} - {None}:
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    return tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+
+
+class InternVLChatModel(nn.Module):
+    """ViT + `mlp1` + LLM with InternVL's parameter names, so a chat checkpoint loads with strict keys.
+
+    Args:
+        vision_model: the encoder.
+        language_model: a Hugging Face causal LM.
+        projector: sizes and pixel-unshuffle settings (llm width, downsample ratio, ps_version, select_layer).
+        img_context_token_id: the id of `<IMG_CONTEXT>` in the tokenizer.
+        template: chat template name stored in the config.
+    """
+
+    def __init__(self, vision_model: InternVisionModel, language_model: nn.Module, projector: ProjectorConfig, *,
+                 img_context_token_id: int, template: str = "internvl2_5") -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.language_model = language_model
+        self.projector_config = projector
+        c = projector.merged_size
+        self.mlp1 = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, projector.llm_hidden_size), nn.GELU(),
+                                  nn.Linear(projector.llm_hidden_size, projector.llm_hidden_size))
+        self.img_context_token_id = img_context_token_id
+        self.template = template
+        grid = vision_model.config.grid_size
+        self.num_image_token = int(grid * grid * projector.downsample_ratio**2)
+
+    # ---- the vision side ----
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [T, 3, 448, 448] -> visual tokens [T, 256, llm_hidden] (InternVL's `extract_feature`)."""
+        p = self.projector_config
+        if p.select_layer == -1:
+            hidden = self.vision_model(pixel_values).last_hidden_state
+        else:
+            hidden = self.vision_model(pixel_values, output_hidden_states=True).hidden_states[p.select_layer]
+        return self.mlp1(unshuffle_tokens(hidden, p.downsample_ratio, version=p.ps_version))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_flags: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the `<IMG_CONTEXT>` positions replaced, in order, by the visual tokens."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return embeds
+        vit = self.extract_feature(pixel_values.to(self.vision_model.dtype))
+        keep_graph = None
+        if image_flags is not None:  # pure-text samples carry a dummy tile whose features are dropped (spec §4)
+            keep_graph = vit.sum() * 0.0  # ... but the ViT stays in the graph, so DDP sees every parameter used
+            vit = vit[image_flags.view(-1).bool()]
+        B, N, C = embeds.shape
+        mask = (input_ids == self.img_context_token_id).reshape(-1)
+        vit = vit.reshape(-1, C).to(embeds.dtype)
+        if int(mask.sum()) != vit.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(mask.sum())} {IMG_CONTEXT_TOKEN} tokens but the images give {vit.shape[0]} "
+                "visual tokens: num_patches_list does not match pixel_values, or the text was truncated")
+        flat = embeds.reshape(B * N, C).clone()
+        flat[mask] = vit  # in order: tile by tile, token by token, as the prompt lists them
+        if keep_graph is not None:
+            flat = flat + keep_graph.to(flat.dtype)
+        return flat.reshape(B, N, C)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                image_flags: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, N, vocab] (the loss is computed by `internvit.train.loss`)."""
+        embeds = self.embed(input_ids, pixel_values, image_flags)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, tokenizer, pixel_values: torch.Tensor | None, prompts: list[str], **generate_kwargs) -> list[str]:
+        """Batched generation from prompts that already contain their image tokens (left padding, as batch_chat)."""
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = self.language_model.get_input_embeddings().weight.device
+        input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        embeds = self.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        generate_kwargs.setdefault("max_new_tokens", 64)
+        generate_kwargs.setdefault("eos_token_id", eos)
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return [t.split("<|im_end|>")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=False)]
+
+    def chat(self, tokenizer, images, question: str, *, max_tiles: int = 12, system: str = DEFAULT_SYSTEM,
+             **generate_kwargs) -> str:
+        """Answer a question about zero or more images (paths or PIL images), as InternVL's `chat()`."""
+        return self.batch_chat(tokenizer, [images], [question], max_tiles=max_tiles, system=system,
+                               **generate_kwargs)[0]
+
+    def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, max_tiles: int = 12,
+                   system: str = DEFAULT_SYSTEM, **generate_kwargs) -> list[str]:
+        from internvit.features import tile_image
+
+        prompts, pixels = [], []
+        for images, question in zip(images_per_sample, questions):
+            images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+            tiled = [tile_image(im, max_tiles=max_tiles, tile_size=self.vision_model.config.image_size)
+                     for im in images]
+            if images and "<image>" not in question:
+                if len(images) == 1:
+                    question = "<image>\n" + question
+                else:
+                    question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + question
+            for t in tiled:
+                question = question.replace("<image>", image_tokens(t.pixel_values.shape[0], self.num_image_token), 1)
+            prompts.append(render_template([("user", question), ("assistant", None)], system))
+            pixels += [t.pixel_values for t in tiled]
+        pixel_values = torch.cat(pixels) if pixels else None
+        return self.generate(tokenizer, pixel_values, prompts, **generate_kwargs)
+
+    # ---- checkpoints ----
+
+    def config_dict(self) -> dict:
+        p = self.projector_config
+        return {
+            "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+            "vision_config": self.vision_model.config.to_dict(),
+            "llm_config": self.language_model.config.to_dict(),
+            "downsample_ratio": p.downsample_ratio, "ps_version": p.ps_version, "select_layer": p.select_layer,
+            "template": self.template, "force_image_size": self.vision_model.config.image_size,
+            "img_context_token_id": self.img_context_token_id, "dynamic_image_size": True, "use_thumbnail": True,
+            "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+        }
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
+        """Write the InternVL chat layout: config.json and model.safetensors (sharded past `max_shard_bytes`)."""
+        from safetensors.torch import save_file
+
+        from internvit._fileio import atomic_write
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if "language_model.lm_head.weight" in sd and getattr(self.language_model.config, "tie_word_embeddings", False):
+            sd.pop("language_model.lm_head.weight")  # tied to the input embeddings
+        shards: list[dict] = [{}]
+        size = 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            atomic_write(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                atomic_write(out / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+                weight_map.update((k, name) for k in shard)
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": weight_map}
+            atomic_write(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(self.config_dict(), indent=2) + "\n"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None) -> InternVLChatModel:
+        """Load a chat checkpoint written by `save_pretrained` (or InternVL's own, when its LLM is a native
+        transformers architecture)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from internvit.weights import parse_dtype, read_state_dict, resolve
+
+        ckpt = resolve(path, prefixes=("vision_model.", "mlp1.", "language_model."))
+        cfg = json.loads(ckpt.config_path.read_text())
+        vision = InternVisionModel(InternVisionConfig.from_dict(cfg["vision_config"]))
+        llm_cfg = dict(cfg["llm_config"])
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg))
+        model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
+                    img_context_token_id=cfg["img_context_token_id"], template=cfg.get("template", "internvl2_5"))
+        sd = read_state_dict(ckpt, prefixes=("vision_model.", "mlp1.", "language_model."))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = getattr(llm.config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
+        if missing or unexpected:
+            from internvit.weights import CheckpointError
+
+            raise CheckpointError(f"{path}: chat checkpoint mismatch; missing {missing[:10]}, unexpected {unexpected[:10]}")
+        if dtype is not None:
+            model.to(parse_dtype(dtype))
+        return model.eval()
+
+    def export_vision(self, out_dir: str | os.PathLike, *, dtype="bf16") -> Path:
+        """Write the (trained) ViT alone in the official InternViT layout, loadable by `internvit.from_pretrained`."""
+        from internvit.weights import save_pretrained
+
+        return save_pretrained(self.vision_model.state_dict(), self.vision_model.config, out_dir, dtype=dtype)

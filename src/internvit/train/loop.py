@@ -1,0 +1,224 @@
+"""The training loop: one process, or many under `torchrun` (DDP; gloo on CPU, NCCL on GPU).
+
+What a run folder holds: `train_config.json` (the resolved options), `log.jsonl` (step, loss, lr, tokens/s),
+`last/` (trainable weights, optimizer, scheduler, step, RNG: a killed run resumes from here at the same step and
+data position), and at the end `final/` (the InternVL chat checkpoint with its tokenizer) and `vision/` (the ViT
+alone, official InternViT layout).
+
+The data order is a seeded permutation per epoch, split across ranks (rank::world_size), so the position in the
+data is a function of the step and resuming needs no data state beyond it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from internvit.model.chat import InternVLChatModel
+from internvit.train.data import collate
+from internvit.train.loss import next_token_loss
+from internvit.train.stages import TrainConfig
+
+
+def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
+    """Trainable parts and drop-path of a stage; InternVL's freezing semantics (spec §6.1)."""
+    for module, trainable in ((model.vision_model, cfg.train_vision), (model.mlp1, cfg.train_mlp),
+                              (model.language_model, cfg.train_llm)):
+        for p in module.parameters():
+            p.requires_grad_(trainable)
+    layers = model.vision_model.encoder.layers
+    L = len(layers)
+    for i, layer in enumerate(layers):
+        layer.drop_path = cfg.drop_path_rate * i / (L - 1) if L > 1 else 0.0
+    model.train()
+    if not cfg.train_llm:
+        model.language_model.eval()  # freeze_llm also switches dropout off; a frozen ViT stays in train mode
+    model.vision_model.set_grad_checkpointing(cfg.grad_checkpointing and cfg.train_vision)
+    if cfg.grad_checkpointing and cfg.train_llm:
+        llm = model.language_model
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(llm, "gradient_checkpointing_enable"):
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 0 (HF's `get_cosine_schedule_with_warmup`)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(n: int, cfg: TrainConfig, rank: int, world: int, start_micro: int):
+    """Micro-batches of dataset indices for this rank, from micro-batch `start_micro` on, epoch after epoch."""
+    per_epoch = (n // world) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n} samples cannot fill one batch of {cfg.batch_size} on each of {world} processes")
+    epoch, k = divmod(start_micro, per_epoch)
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        mine = perm[rank::world][: per_epoch * cfg.batch_size]
+        for j in range(k, per_epoch):
+            yield mine[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+        epoch, k = epoch + 1, 0
+
+
+def _save_last(run: Path, model, opt, sched, step: int) -> None:
+    from safetensors.torch import save_file
+
+    tmp = run / ".last.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    old = run / ".last.old"
+    if (run / "last").exists():
+        os.replace(run / "last", old)
+    os.replace(tmp, run / "last")  # the switch is one rename: a kill leaves either the old or the new state
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_dir: str | os.PathLike, *,
+          progress: bool = True) -> list[dict]:
+    """Train `model` on `dataset` (a `ConversationDataset`) with `cfg`; returns the log rows of this call.
+
+    Under `torchrun` (WORLD_SIZE > 1) the process group is initialised here; every rank sees its own shard of
+    each global batch of `batch_size * world_size * grad_accum` samples.
+    """
+    run = Path(run_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    torch.manual_seed(cfg.seed + rank)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "train_config.json").write_text(cfg.to_json() + "\n")
+    model.to(device)
+    apply_stage(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage}: nothing to train")
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases and norms
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
+    step = 0
+    if (run / "last" / "state.pt").exists():  # resume
+        from safetensors.torch import load_file
+
+        state = torch.load(run / "last" / "state.pt", weights_only=False)
+        trained = load_file(str(run / "last" / "trainable.safetensors"))
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                if k in trained:
+                    p.copy_(trained[k])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")
+    batches = _batches(len(dataset), cfg, rank, world, step * cfg.grad_accum)
+    use_bf16 = cfg.bf16 and (cuda or cfg.cpu_bf16)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"stage {cfg.stage}", unit="step")
+    rows: list[dict] = []
+    log = open(run / "log.jsonl", "a") if rank == 0 else None
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            step_loss, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                batch = collate([dataset[i] for i in next(batches)], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                ctx = net.no_sync() if (world > 1 and not sync) else nullcontext()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                 batch["position_ids"], batch["image_flags"])
+                    loss = next_token_loss(logits, batch["labels"], reduction=cfg.loss_reduction)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                tokens += int(batch["attention_mask"].sum())
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if world > 1:
+                t = torch.tensor([step_loss, tokens], dtype=torch.float64)
+                dist.all_reduce(t)
+                step_loss, tokens = t[0].item() / world, int(t[1].item())
+            row = {"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0],
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            if log is not None and step % cfg.log_every == 0:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                if rank == 0:
+                    _save_last(run, model, opt, sched, step)
+                if world > 1:
+                    dist.barrier()
+        if rank == 0:
+            model.save_pretrained(run / "final", tokenizer=tokenizer)
+            model.export_vision(run / "vision")
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return rows
+
+
+def build_model(*, llm: str | None = None, vision: str | None = None, init: str | None = None,
+                trust_remote_code: bool = False):
+    """(model, tokenizer): from an InternVL chat checkpoint (`init`), or from a Hugging Face causal LM plus an
+    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from internvit.model.chat import add_special_tokens
+    from internvit.model.projector import ProjectorConfig
+    from internvit.registry import DEFAULT_MODEL
+    from internvit.weights import from_pretrained
+
+    if init is not None:
+        model = InternVLChatModel.from_pretrained(init)
+        tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
+        add_special_tokens(tokenizer)
+        return model, tokenizer
+    if llm is None:
+        raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
+    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
+                                                          torch_dtype=torch.float32)
+    ctx = add_special_tokens(tokenizer, language_model)
+    vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
+    projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
+                                llm_hidden_size=language_model.config.hidden_size)
+    return InternVLChatModel(vit, language_model, projector, img_context_token_id=ctx), tokenizer

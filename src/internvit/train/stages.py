@@ -1,0 +1,76 @@
+"""InternVL 2.5's three training stages as small deltas over one default (spec/internvit.md §6.1, [S8, S10]).
+
+| | trainable | LR (cosine) | warmup | weight decay | ViT drop-path |
+|---|---|---|---|---|---|
+| stage 1, MLP warmup | mlp1 | 2e-4 | 100 steps | 0.01 (1B-4B; 0.05 for 8B+) | 0.0 |
+| stage 1.5, ViT incremental | ViT + mlp1 | 1e-5 | 100 steps | 0.05 | 0.1 (300M) |
+| stage 2, full instruction tuning | ViT + mlp1 + LLM | 4e-5 (<= 8B) | 3% of steps | 0.01 (1B-4B) | 0.1 |
+
+All: AdamW (0.9, 0.999, eps 1e-8), grad-norm clip 1.0, bf16, square loss averaging, dynamic tiles up to 12 with
+a thumbnail. Freezing as InternVL: a frozen ViT keeps train mode (its drop-path stays active), a frozen LLM is
+put in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    stage: str = "2"
+    train_vision: bool = True
+    train_mlp: bool = True
+    train_llm: bool = True
+    lr: float = 4e-5
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    drop_path_rate: float = 0.1
+    max_steps: int = 1000
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    max_seq_length: int = 8192
+    max_tiles: int = 12
+    loss_reduction: str = "square"
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    bf16: bool = True  # autocast on CUDA (and on CPU when asked with cpu_bf16)
+    cpu_bf16: bool = False
+    grad_checkpointing: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 1
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def stage1(**overrides) -> TrainConfig:
+    """MLP warmup: only mlp1 learns."""
+    return TrainConfig(stage="1", train_vision=False, train_llm=False, lr=2e-4, warmup_steps=100, warmup_ratio=0.0,
+                       weight_decay=0.01, drop_path_rate=0.0).replace(**overrides)
+
+
+def stage1_5(**overrides) -> TrainConfig:
+    """ViT incremental learning: ViT and mlp1 learn with the frozen LLM's next-token loss."""
+    return TrainConfig(stage="1.5", train_llm=False, lr=1e-5, warmup_steps=100, warmup_ratio=0.0,
+                       weight_decay=0.05, drop_path_rate=0.1).replace(**overrides)
+
+
+def stage2(**overrides) -> TrainConfig:
+    """Full instruction tuning: everything learns."""
+    return TrainConfig(stage="2").replace(**overrides)
+
+
+STAGES = {"1": stage1, "1.5": stage1_5, "2": stage2}

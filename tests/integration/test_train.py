@@ -1,0 +1,224 @@
+"""The ViT-MLP-LLM model and the three training stages on tiny models built here (no downloads).
+
+The LLM is a 2-layer Qwen2 from transformers with a byte-level BPE tokenizer trained on the example texts; its
+weights are initialised with std 0.2 so that, frozen, it still reacts to the visual tokens (with std 0.02 its
+attention barely carries them and stages 1/1.5 could not move the loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import internvit
+from internvit.model.chat import IGNORE_INDEX, InternVLChatModel
+from internvit.train.data import ConversationDataset, collate, load_meta, preprocess_internvl2_5
+from internvit.train.loop import build_model, train
+from internvit.train.loss import len2weight, next_token_loss, token_weights
+from internvit.train.stages import STAGES
+
+pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny LLM + tokenizer and a tiny InternViT on disk."""
+    pytest.importorskip("transformers")
+    from internvit.train.tiny import build_tiny_llm
+    from internvit.weights import init_checkpoint
+
+    root = tmp_path_factory.mktemp("parts")
+    texts = [t["value"] for line in open(EXAMPLES / "train" / "conversations.jsonl")
+             for t in json.loads(line)["conversations"]]
+    build_tiny_llm(root / "llm", texts * 50, initializer_range=0.2)
+    init_checkpoint(root / "vit", preset="tiny", seed=0, dtype="fp32")
+    one = root / "one.jsonl"
+    one.write_text(open(EXAMPLES / "train" / "conversations.jsonl").readline())
+    (root / "one_meta.json").write_text(json.dumps(
+        {"one": {"root": str(EXAMPLES / "images"), "annotation": str(one), "repeat_time": 4, "max_dynamic_patch": 4}}))
+    return root
+
+
+def fresh(parts):
+    torch.manual_seed(0)  # mlp1's init
+    return build_model(llm=str(parts / "llm"), vision=str(parts / "vit"))
+
+
+def dataset(parts, model, tok, meta=None):
+    return ConversationDataset(load_meta(meta or EXAMPLES / "train" / "meta.json"), tok,
+                               num_image_token=model.num_image_token, tile_size=56, max_tiles=4)
+
+
+def test_label_masks_cover_answers_and_im_end(parts):
+    model, tok = fresh(parts)
+    conv = [{"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Image-1: <image>\nImage-2: <image>\nWhat do the two images show?"},
+            {"from": "gpt", "value": "A cat and a rocket."},
+            {"from": "human", "value": "Which is bigger?"},
+            {"from": "gpt", "value": "The rocket."}]
+    out = preprocess_internvl2_5(conv, tok, [3, 1], num_image_token=model.num_image_token)
+    ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
+    supervised = [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in supervised)
+    # The supervised spans are exactly the two answers followed by <|im_end|>.
+    spans, cur = [], [supervised[0]]
+    for i in supervised[1:]:
+        if i == cur[-1] + 1:
+            cur.append(i)
+        else:
+            spans.append(cur)
+            cur = [i]
+    spans.append(cur)
+    assert [tok.decode([ids[i] for i in s]) for s in spans] == ["A cat and a rocket.<|im_end|>",
+                                                                 "The rocket.<|im_end|>"]
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert ids.count(ctx) == (3 + 1) * model.num_image_token
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nImage-1: <img>")
+
+
+def test_truncated_image_tokens_and_placeholder_mismatch_are_errors(parts):
+    from internvit.train.data import SampleError
+
+    _, tok = fresh(parts)
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]
+    with pytest.raises(SampleError, match="truncated"):
+        preprocess_internvl2_5(conv, tok, [2], num_image_token=64, max_seq_length=50, sample_id="s1")
+    with pytest.raises(SampleError, match="placeholders"):
+        preprocess_internvl2_5(conv, tok, [1, 1], num_image_token=4, sample_id="s2")
+
+
+def test_square_averaging_weights_by_hand():
+    labels = torch.full((2, 12), IGNORE_INDEX)
+    labels[0, 2:6] = 1  # 4 supervised tokens -> weight 1/2
+    labels[1, 1:10] = 2  # 9 supervised tokens -> weight 1/3
+    w = token_weights(labels, "square")
+    assert torch.allclose(w[0, 2:6], torch.full((4,), 0.5)) and torch.allclose(w[1, 1:10], torch.full((9,), 1 / 3))
+    assert w[labels == IGNORE_INDEX].abs().sum() == 0
+    assert len2weight(0, "square") == 0 and len2weight(4, "sample") == 0.25 and len2weight(4, "token") == 1
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 5)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none").reshape(2, 11)
+    # Shifted: sample 0 supervises targets 2..5 (3 of them visible after the shift: positions 1..4 predict 2..5).
+    sup = labels[:, 1:] != IGNORE_INDEX
+    wts = torch.where(sup, torch.tensor([[0.5], [1 / 3]]), torch.zeros(2, 11))
+    expected = (ce * wts).sum() / wts.sum()
+    assert torch.allclose(next_token_loss(logits, labels, reduction="square"), expected)
+
+
+@pytest.mark.parametrize("stage", ["1", "1.5", "2"])
+def test_stage_trains_exactly_its_parts_and_overfits(parts, stage, tmp_path):
+    model, tok = fresh(parts)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = STAGES[stage](max_steps=25, lr=0.02, warmup_steps=2, save_every=1000)
+    rows = train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run",
+                 progress=False)
+    after = model.state_dict()
+    changed = {part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part))
+               for part in ("vision_model.", "mlp1.", "language_model.")}
+    assert changed == {"vision_model.": stage != "1", "mlp1.": True, "language_model.": stage == "2"}
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    print(f"[train] stage {stage}: loss {first:.3f} -> {last:.3f}")
+    assert last < first / 2
+
+
+def test_resume_continues_with_the_same_losses(parts, tmp_path):
+    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2)
+    model, tok = fresh(parts)
+    straight = train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "a", progress=False)
+
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashesInStep3(torch.utils.data.Dataset):  # the run dies while loading step 3's batch
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls > 2 * cfg.batch_size:
+                raise Crash("killed")
+            return self.inner[i]
+
+    model, tok = fresh(parts)
+    with pytest.raises(Crash):
+        train(model, tok, CrashesInStep3(dataset(parts, model, tok)), cfg, tmp_path / "b", progress=False)
+    model, tok = fresh(parts)  # a new process would start from the files alone
+    resumed = train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "b", progress=False)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_exported_vit_and_chat_checkpoint_round_trip(parts, tmp_path):
+    model, tok = fresh(parts)
+    train(model, tok, dataset(parts, model, tok), STAGES["1.5"](max_steps=1, lr=0.01), tmp_path / "run",
+          progress=False)
+    vit = internvit.from_pretrained(tmp_path / "run" / "vision", dtype="fp32")
+    for k, v in model.vision_model.state_dict().items():  # exported in bf16
+        assert torch.allclose(vit.state_dict()[k], v.to(torch.bfloat16).float()), k
+    reloaded = InternVLChatModel.from_pretrained(tmp_path / "run" / "final")
+    batch = collate([dataset(parts, model, tok)[0]], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+        b = reloaded(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+    torch.testing.assert_close(a, b)
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["stage"] == "1.5"
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+from pathlib import Path
+from internvit.train.data import ConversationDataset, load_meta
+from internvit.train.loop import build_model, train
+from internvit.train.stages import STAGES
+parts, meta, out, bs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.manual_seed(0)
+model, tok = build_model(llm=str(parts / "llm"), vision=str(parts / "vit"))
+ds = ConversationDataset(load_meta(meta), tok, num_image_token=model.num_image_token, tile_size=56, max_tiles=4)
+rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs, save_every=1000,
+             drop_path_rate=0.0,  # stochastic depth draws differ between 1 and 2 processes
+             grad_checkpointing=False), out, progress=False)
+if int(os.environ.get("RANK", "0")) == 0:
+    print("ROWS=" + json.dumps(rows))
+"""
+
+
+def test_two_gloo_processes_match_one_process(parts, tmp_path):
+    script = tmp_path / "run_train.py"
+    script.write_text(DDP_SCRIPT)
+    meta = str(EXAMPLES / "train" / "meta.json")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+
+    def rows(proc):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("ROWS="))
+        return json.loads(line[5:])
+
+    one = rows(subprocess.run([sys.executable, str(script), str(parts), meta, str(tmp_path / "one"), "2"],
+                              capture_output=True, text=True, env=env, timeout=600))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = rows(subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(parts), meta,
+         str(tmp_path / "two"), "1"], capture_output=True, text=True, env=env, timeout=600))
+    print("[train] 1 process:", [round(r["loss"], 5) for r in one], "2 processes:", [round(r["loss"], 5) for r in two])
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
