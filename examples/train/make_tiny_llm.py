@@ -11,5 +11,7 @@ from internvit.train.tiny import build_tiny_llm
 
 here = Path(__file__).parent
 texts = [turn["value"] for line in open(here / "conversations.jsonl") for turn in json.loads(line)["conversations"]]
-build_tiny_llm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-llm", texts * 50)
+# Weights with std 0.2 (not 0.02): a random LLM that small only reacts to the visual tokens when its
+# attention is not near zero, so stages 1 and 1.5, where it is frozen, have something to learn.
+build_tiny_llm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-llm", texts * 50, initializer_range=0.2)
 print(f"wrote {sys.argv[1] if len(sys.argv) > 1 else 'runs/tiny-llm'}")

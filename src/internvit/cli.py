@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-seconds", type=float, default=10.0,
                    help="make finished rows durable at least this often; a kill loses at most this much (default: 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine, --out is one Parquet file (default); ray: Ray Data, --out is a folder of "
+                   "Parquet shards, SOURCES may also be URIs (s3://...) and .parquet tables of paths or image bytes")
+    p.add_argument("--address", help="with --engine ray: the Ray cluster (HEAD:6379, ray://HEAD:10001, auto); "
+                   "default: a local Ray instance on loopback, stopped at the end")
+    p.add_argument("--num-actors", type=_positive,
+                   help="with --engine ray: encoder actors, one model each (default: one per GPU group, else one per node)")
+    p.add_argument("--gpus-per-actor", type=float, default=0,
+                   help="with --engine ray: GPUs per actor; 0 = CPU actors (default), 0.5 = two actors per GPU")
 
     p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
                        description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
@@ -83,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("data", help="training data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="report (and with --fix drop) samples that fail the data quality checks",
+                            description="Check every dataset of a meta JSON: missing or unreadable media, "
+                            "placeholder/image mismatches, samples over the length budget (with --tokenizer), "
+                            "repetitive answers (10-gram repetition > 40%%), empty and duplicate answers and "
+                            "duplicate samples. Exit status 1 when anything was found.")
+    p.add_argument("meta")
+    p.add_argument("--fix", metavar="OUT", help="write the kept samples, a new meta.json and report.json to OUT")
+    p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
+    p.add_argument("--max-seq-length", type=_positive, default=8192)
+    p.add_argument("--max-tiles", type=_positive, default=12)
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
     p.add_argument("out_dir")
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (CheckpointError, OutputMismatchError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, OutputMismatchError, ValueError, OSError) as e:
         print(f"internvit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -115,6 +137,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "extract":
+        if args.engine == "ray":  # --workers and --flush-seconds are the local engine's
+            from internvit.extract.ray import RayRunError, extract_features_ray
+
+            try:
+                s = extract_features_ray(
+                    args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype,
+                    device=args.device, batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles,
+                    frames=args.frames, layers=args.layers, patch_tokens=args.patch_tokens,
+                    visual_tokens=args.visual_tokens, projector=args.projector, exif_transpose=not args.no_exif,
+                    max_pixels=args.max_pixels, retry_errors=args.retry_errors, progress=not args.quiet,
+                    address=args.address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,
+                )
+            except RayRunError as e:
+                print(f"internvit extract: error: {e}", file=sys.stderr)
+                return 2
+            busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
+            print(
+                f"{s.out}/: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, {s.failed} failed; "
+                f"{s.seconds:.1f} s ({s.load_seconds:.1f} s starting Ray, {s.num_actors} actors, {s.tiles} tiles, "
+                f"each encoder busy {100 * busy:.0f}% of the rest)",
+                file=sys.stderr,
+            )
+            return 0 if s.ok else 1
         from internvit.extract import extract_features
 
         s = extract_features(
@@ -136,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if s.ok else 1
     if args.command == "train":
         return _train(args)
+    if args.command == "data":
+        return _data_check(args)
     if args.command == "init":
         from internvit.weights import init_checkpoint
 
@@ -149,6 +196,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote the official layout to {out}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from internvit.train.quality import check_meta
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    reports = check_meta(args.meta, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                         max_tiles=args.max_tiles, fix=args.fix)
+    for r in reports:
+        found = ", ".join(f"{k} {v}" for k, v in sorted(r.problems.items())) or "no problems"
+        print(f"{r.name}: {r.samples} samples, {r.kept} kept; {found}")
+    if args.fix:
+        print(f"wrote the kept samples, meta.json and report.json to {args.fix}", file=sys.stderr)
+    return 1 if any(r.problems for r in reports) else 0
 
 
 def _train(args: argparse.Namespace) -> int:

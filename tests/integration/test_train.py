@@ -222,3 +222,15 @@ def test_two_gloo_processes_match_one_process(parts, tmp_path):
     print("[train] 1 process:", [round(r["loss"], 5) for r in one], "2 processes:", [round(r["loss"], 5) for r in two])
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_chat_and_batched_generation_agree(parts):
+    """batch_chat pads on the left: each answer equals the one chat() gives for that sample alone (greedy)."""
+    model, tok = fresh(parts)
+    model.eval()
+    photo = EXAMPLES / "images" / "coffee.jpg"
+    kw = dict(max_tiles=4, max_new_tokens=6, do_sample=False)
+    alone = [model.chat(tok, photo, "What is in the cup?", **kw), model.chat(tok, None, "What is two plus two?", **kw)]
+    both = model.batch_chat(tok, [photo, None], ["What is in the cup?", "What is two plus two?"], **kw)
+    assert both == alone
+    assert all(isinstance(a, str) for a in alone)

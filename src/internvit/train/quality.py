@@ -1,0 +1,159 @@
+"""`internvit data check`: find the samples InternVL 2.5's data quality controls would drop (spec §6.6).
+
+Per sample of every dataset in a meta JSON:
+    - `bad_json` / `bad_format`: a line that is not JSON, or has no well-formed `conversations`;
+    - `missing_media` / `unreadable_media`: an image or video that is absent or cannot be decoded;
+    - `placeholder_mismatch`: the number of `<image>` placeholders differs from the number of images (a single
+      image without a placeholder is fine: training prepends one), or `<image>` in a pure-text sample;
+    - `too_long`: text plus image tokens (tiles x 256, from the image size and the dataset's tile budget) over
+      `max_seq_length` (needs a tokenizer);
+    - `repetitive`: an answer whose repeated 10-grams make up more than 40% of its 10-grams (InternVL's n-gram
+      check; words, or characters for text without spaces);
+    - `empty_answer`, `duplicate_answer` (the same answer twice in one conversation), `duplicate_sample` (a line
+      identical to an earlier one in the dataset).
+With `fix`, the kept lines are written per dataset with a new meta JSON, and `report.json` lists every dropped
+line with its reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from internvit.train.data import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DatasetSpec, load_meta, media_count
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    samples: int = 0
+    problems: Counter = field(default_factory=Counter)
+    dropped: list[dict] = field(default_factory=list)  # {"line": n, "id": ..., "reasons": [...]}
+
+    @property
+    def kept(self) -> int:
+        return self.samples - len(self.dropped)
+
+
+def repeated_ngram_fraction(text: str, n: int = 10) -> float:
+    """Share of the n-grams of `text` that occur more than once (words; characters for text without spaces)."""
+    units = text.split()
+    if len(units) < 2 * n:
+        units = list(text.replace(" ", ""))
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_length: int, max_tiles: int,
+                     num_image_token: int, repeat_threshold: float) -> list[str]:
+    from internvit.preprocess import ImageLoadError, open_image
+    from internvit.preprocess.tiling import choose_grid, tile_budget
+
+    conv = sample.get("conversations")
+    if not isinstance(conv, list) or not conv or not all(isinstance(t, dict) and "from" in t and "value" in t
+                                                         for t in conv):
+        return ["bad_format"]
+    problems = []
+    images, video = media_count(sample)
+    human = "".join(t["value"] for t in conv if t["from"] == "human")
+    n_placeholders = human.count(IMAGE_PLACEHOLDER)
+    if video is not None:
+        if n_placeholders or human.count(VIDEO_PLACEHOLDER) > 1:
+            problems.append("placeholder_mismatch")
+    elif images:
+        if not (n_placeholders == len(images) or (len(images) == 1 and n_placeholders == 0)):
+            problems.append("placeholder_mismatch")
+    elif n_placeholders or VIDEO_PLACEHOLDER in human:
+        problems.append("placeholder_mismatch")
+    tiles = 0
+    budget = tile_budget(max(1, len(images)), spec.max_dynamic_patch or max_tiles)
+    for rel in images + ([video] if video else []):
+        path = os.path.join(spec.root, rel)
+        if not os.path.exists(path):
+            problems.append("missing_media")
+            continue
+        try:
+            if rel == video:
+                from internvit.preprocess.video import load_frames
+
+                frames, _ = load_frames(path, num_segments=8)
+                tiles += len(frames)
+            else:
+                w, h = open_image(path).size
+                grid = choose_grid(w, h, max_tiles=budget)
+                tiles += grid[0] * grid[1] + (grid != (1, 1))
+        except (ImageLoadError, OSError, ValueError):
+            problems.append("unreadable_media")
+    answers = [t["value"] for t in conv if t["from"] == "gpt"]
+    if any(not a.strip() for a in answers):
+        problems.append("empty_answer")
+    if len(set(a.strip() for a in answers)) < len(answers):
+        problems.append("duplicate_answer")
+    if any(repeated_ngram_fraction(a) > repeat_threshold for a in answers):
+        problems.append("repetitive")
+    if tokenizer is not None:
+        text = "".join(t["value"] for t in conv)
+        n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 5 * len(conv) + 32
+        n_tokens += tiles * num_image_token + 2 * (len(images) + (8 if video else 0))
+        if n_tokens > max_seq_length:
+            problems.append("too_long")
+    return sorted(set(problems))
+
+
+def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 8192, max_tiles: int = 12,
+               num_image_token: int = 256, repeat_threshold: float = 0.4,
+               fix: str | os.PathLike | None = None) -> list[DatasetReport]:
+    """Check every dataset of a meta JSON; with `fix`, write the filtered datasets, a meta JSON and a report."""
+    reports = []
+    kept_lines: dict[str, list[str]] = {}
+    specs = load_meta(meta)
+    for spec in specs:
+        report = DatasetReport(spec.name)
+        seen: set[str] = set()
+        kept_lines[spec.name] = []
+        with open(spec.annotation, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                report.samples += 1
+                try:
+                    sample = json.loads(line)
+                    problems = [] if isinstance(sample, dict) else ["bad_format"]
+                except ValueError:
+                    sample, problems = {}, ["bad_json"]
+                if not problems:
+                    problems = _sample_problems(sample, spec, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                                max_tiles=max_tiles, num_image_token=num_image_token,
+                                                repeat_threshold=repeat_threshold)
+                key = json.dumps(sample, sort_keys=True)
+                if key in seen and "bad_json" not in problems:
+                    problems.append("duplicate_sample")
+                seen.add(key)
+                if problems:
+                    report.problems.update(problems)
+                    report.dropped.append({"line": n, "id": sample.get("id"), "reasons": problems})
+                else:
+                    kept_lines[spec.name].append(line.rstrip("\n"))
+        reports.append(report)
+    if fix is not None:
+        out = Path(fix)
+        out.mkdir(parents=True, exist_ok=True)
+        new_meta = {}
+        for spec in specs:
+            (out / f"{spec.name}.jsonl").write_text("".join(l + "\n" for l in kept_lines[spec.name]))
+            new_meta[spec.name] = {"root": spec.root, "annotation": f"{spec.name}.jsonl",
+                                   "data_augment": spec.data_augment, "repeat_time": spec.repeat_time,
+                                   "length": len(kept_lines[spec.name])}
+            if spec.max_dynamic_patch is not None:
+                new_meta[spec.name]["max_dynamic_patch"] = spec.max_dynamic_patch
+        (out / "meta.json").write_text(json.dumps(new_meta, indent=2) + "\n")
+        (out / "report.json").write_text(json.dumps(
+            {r.name: {"samples": r.samples, "kept": r.kept, "problems": dict(r.problems), "dropped": r.dropped}
+             for r in reports}, indent=2) + "\n")
+    return reports

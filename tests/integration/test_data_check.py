@@ -1,0 +1,83 @@
+"""`internvit data check` on a dataset with one sample of every kind of problem, and the --fix output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvit.train.quality import check_meta, repeated_ngram_fraction
+
+pytestmark = pytest.mark.integration
+
+
+def test_repeated_ngram_fraction():
+    assert repeated_ngram_fraction("the cat sat on the mat and looked at the dog " * 1) == 0.0
+    looped = " ".join(["I think that this is the answer to the question"] * 5)
+    assert repeated_ngram_fraction(looped) > 0.4
+    assert repeated_ngram_fraction("哈" * 60) > 0.4  # no spaces: characters
+
+
+def test_data_check_finds_each_problem_and_fixes(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    Image.new("RGB", (640, 480), (200, 10, 10)).save(root / "red.jpg")
+    (root / "broken.jpg").write_text("not a jpeg")
+    good = {"id": "good", "image": "red.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}
+    rows = [
+        good,
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "missing", "image": "nope.jpg", "conversations": good["conversations"]},
+        {"id": "unreadable", "image": "broken.jpg", "conversations": good["conversations"]},
+        {"id": "mismatch", "image": ["red.jpg", "red.jpg"], "conversations": good["conversations"]},
+        {"id": "empty", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "  "}]},
+        {"id": "dup", "conversations": [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "Yes."},
+                                        {"from": "human", "value": "B?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "loop", "conversations": [{"from": "human", "value": "Why?"}, {"from": "gpt", "value":
+                                         " ".join(["because the sky is blue and the sea is blue too"] * 6)}]},
+        {"id": "noconv"},
+        good,  # a duplicate line
+    ]
+    ann = tmp_path / "data.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"demo": {"root": "media", "annotation": "data.jsonl", "max_dynamic_patch": 6}}))
+
+    (report,) = check_meta(meta)
+    reasons = {d["id"]: d["reasons"] for d in report.dropped}
+    assert reasons == {"missing": ["missing_media"], "unreadable": ["unreadable_media"],
+                       "mismatch": ["placeholder_mismatch"], "empty": ["empty_answer"], "dup": ["duplicate_answer"],
+                       "loop": ["repetitive"], "noconv": ["bad_format"], "good": ["duplicate_sample"],
+                       None: ["bad_json"]}
+    assert report.samples == 11 and report.kept == 2
+
+    out = tmp_path / "fixed"
+    proc = subprocess.run([sys.executable, "-m", "internvit.cli", "data", "check", str(meta), "--fix", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "demo: 11 samples, 2 kept" in proc.stdout
+    kept = [json.loads(l)["id"] for l in (out / "demo.jsonl").read_text().splitlines()]
+    assert kept == ["good", "text"]
+    new_meta = json.loads((out / "meta.json").read_text())
+    assert new_meta["demo"]["annotation"] == "demo.jsonl" and new_meta["demo"]["length"] == 2
+    assert json.loads((out / "report.json").read_text())["demo"]["problems"]["missing_media"] == 1
+    (again,) = check_meta(out / "meta.json")
+    assert again.kept == again.samples == 2 and not again.problems
+
+
+def test_data_check_length_budget_with_a_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from internvit.train.tiny import build_tiny_llm
+
+    _, tok = build_tiny_llm(None, ["What colour is it? It is red."] * 20)
+    Image.new("RGB", (1792, 1344), (0, 0, 200)).save(tmp_path / "big.jpg")  # 4x3 grid + thumbnail = 13 tiles
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "big.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Blue."}]}) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.jsonl"}}))
+    (short,) = check_meta(tmp_path / "meta.json", tokenizer=tok, max_seq_length=2048)
+    assert short.problems == {"too_long": 1}  # 13 tiles x 256 tokens
+    (ok,) = check_meta(tmp_path / "meta.json", tokenizer=tok, max_seq_length=8192)
+    assert not ok.problems
