@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
             busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
             print(
                 f"{s.out}/: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, {s.failed} failed; "
-                f"{s.seconds:.1f} s ({s.load_seconds:.1f} s starting Ray, {s.num_actors} actors, {s.tiles} tiles, "
+                f"{s.seconds:.1f} s ({s.load_seconds:.1f} s starting Ray, {s.num_actors} actor(s), {s.tiles} tiles, "
                 f"each encoder busy {100 * busy:.0f}% of the rest)",
                 file=sys.stderr,
             )

@@ -76,26 +76,47 @@ class _Prepare:
     exif_transpose: bool
     max_pixels: int | None
 
-    def __call__(self, path: str) -> _Item:
+    def __call__(self, path: str, data: bytes | None = None) -> _Item:
+        """`data`: the input's encoded bytes when they come from elsewhere (a Parquet column, a remote file);
+        `path` then only names the input (in its row and its error)."""
         from internvit.features import tile_image
         from internvit.preprocess import ImageLoadError, open_image, tile_transform
         from internvit.preprocess.video import is_video_name, load_frames
 
         try:
             if is_video_name(path):
+                if data is not None:
+                    return self._video_from_bytes(path, data)
                 frames, indices = load_frames(path, num_segments=self.frames)
                 pixels = torch.stack([tile_transform(f, size=self.tile_size) for f in frames])
                 return _Item(path, pixels, size=frames[0].size, frame_indices=indices)
-            image = open_image(path, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
+            source = path if data is None else data
+            image = open_image(source, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
             if self.tiles == "dynamic":
                 tiled = tile_image(image, max_tiles=self.max_tiles, tile_size=self.tile_size)
                 return _Item(path, tiled.pixel_values, size=image.size, grid=tiled.layout.grid,
                              thumbnail=tiled.layout.thumbnail)
             return _Item(path, self.processor(image)[None], size=image.size)
         except ImageLoadError as e:
-            return _Item(path, error=str(e))
+            message = str(e)
+            if data is not None:  # open_image names bytes "<bytes>"; the row's path is the useful name
+                message = message.replace("<bytes>", path, 1)
+            return _Item(path, error=message)
         except Exception as e:  # a decoder bug must not stop a million-image run
             return _Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
+
+    def _video_from_bytes(self, path: str, data: bytes) -> _Item:
+        """PyAV reads files: spill the bytes to a temporary one, and name `path` in errors."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=Path(path).suffix) as f:
+            f.write(data)
+            f.flush()
+            item = self(f.name)
+        item.path = path
+        if item.error is not None:
+            item.error = item.error.replace(f.name, path)
+        return item
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -175,8 +196,7 @@ def extract_features(
         revision: Hub revision of `model`.
         progress: show a progress bar on stderr.
     """
-    from internvit.preprocess import DEFAULT_MAX_PIXELS, ImageProcessor
-    from internvit.weights import from_pretrained
+    from internvit.preprocess import DEFAULT_MAX_PIXELS
 
     if tiles not in TILE_MODES:
         raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
@@ -185,32 +205,18 @@ def extract_features(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t_load = time.perf_counter()
-    if isinstance(model, torch.nn.Module):
-        vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
-    else:
-        vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), str(model)
-    vit.eval()
-    proj = None
-    if projector is not None:
-        from internvit.model.projector import load_projector
-
-        proj = load_projector(projector, dtype=vit.dtype, device=device)
-        visual_tokens = True
+    vit, source, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
+    visual_tokens = visual_tokens or proj is not None
     load_seconds = time.perf_counter() - t_load
-    ckpt = getattr(vit, "checkpoint", None)
-    processor = (ImageProcessor.from_json(ckpt.preprocessor_path)
-                 if ckpt is not None and ckpt.preprocessor_path else ImageProcessor())
+    processor = _processor_for(getattr(vit, "checkpoint", None))
     config = vit.config
     layers = normalize_layers(layers, config.num_hidden_layers)
-    vt_width = (proj.config.llm_hidden_size if proj is not None else 4 * config.hidden_size) if visual_tokens else 0
-    metadata = {
-        "model": source, "dtype": str(vit.dtype).removeprefix("torch."), "layers": list(layers),
-        "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens), "projector": projector,
-        "tiles": tiles, "max_tiles": max_tiles if tiles == "dynamic" else None, "frames": frames,
-        "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
-    }
-    schema = feature_schema(config.hidden_size, layers=layers, patch_tokens=patch_tokens, visual_tokens=vt_width,
-                            metadata=metadata)
+    schema = _output_schema(
+        config, source=source, dtype=vit.dtype, processor=processor, layers=layers, patch_tokens=patch_tokens,
+        visual_tokens=visual_tokens, projector=projector,
+        projector_width=proj.config.llm_hidden_size if proj is not None else None,
+        tiles=tiles, max_tiles=max_tiles, frames=frames,
+    )
     store = FeatureStore(out, schema, flush_seconds=flush_seconds)
     done = store.finished(include_errors=not retry_errors)
     todo = [p for p in paths if p not in done]
@@ -249,6 +255,50 @@ def extract_features(
         failed = len(errors) - errors.null_count
     return ExtractSummary(Path(out), len(paths), len(paths) - len(todo), len(todo), failed,
                           time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
+
+
+def _load_encoder(model, *, dtype, device, revision, projector) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
+    """The encoder (eval mode, on `device`), the name recorded in the output, and the projector if any.
+
+    Shared by the local engine and the Ray engine's actors, so both load the same model the same way.
+    """
+    from internvit.weights import from_pretrained
+
+    if isinstance(model, torch.nn.Module):
+        vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
+    else:
+        vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), str(model)
+    vit.eval()
+    proj = None
+    if projector is not None:
+        from internvit.model.projector import load_projector
+
+        proj = load_projector(projector, dtype=vit.dtype, device=device)
+    return vit, source, proj
+
+
+def _processor_for(ckpt):
+    """The checkpoint's own `preprocessor_config.json`, else the model card's CLIP settings."""
+    from internvit.preprocess import ImageProcessor
+
+    if ckpt is not None and ckpt.preprocessor_path:
+        return ImageProcessor.from_json(ckpt.preprocessor_path)
+    return ImageProcessor()
+
+
+def _output_schema(config, *, source: str, dtype: torch.dtype, processor, layers: tuple[int, ...],
+                   patch_tokens: bool, visual_tokens: bool, projector: str | None, projector_width: int | None,
+                   tiles: str, max_tiles: int, frames: int):
+    """The output's columns and its `internvit` metadata (what a resumed run must agree with)."""
+    vt_width = (projector_width or 4 * config.hidden_size) if visual_tokens else 0
+    metadata = {
+        "model": source, "dtype": str(dtype).removeprefix("torch."), "layers": list(layers),
+        "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens), "projector": projector,
+        "tiles": tiles, "max_tiles": max_tiles if tiles == "dynamic" else None, "frames": frames,
+        "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
+    }
+    return feature_schema(config.hidden_size, layers=layers, patch_tokens=patch_tokens, visual_tokens=vt_width,
+                          metadata=metadata)
 
 
 class _Encoder:

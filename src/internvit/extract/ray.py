@@ -1,0 +1,693 @@
+"""`extract_features_ray`: the local engine's extraction step, scaled out on Ray Data.
+
+References:
+    - Ray Data batch inference: https://docs.ray.io/en/latest/data/batch_inference.html (a pool of actors, one
+      model each, fed by CPU tasks);
+    - `extract/local.py`: the per-input preprocessing (`_Prepare`), the encoder and its columns (`_Encoder`) and the
+      output schema, used here unchanged, so the two engines cannot drift apart.
+
+The pipeline is one streamed Ray Data dataset:
+
+    inputs: paths (local folders, globs, list files, remote URIs) and Parquet tables of paths or image bytes
+      -> prepare: open, decode and tile each input            CPU tasks, 1 CPU each (`_Prepare`)
+      -> encode:  a fixed pool of actors, one model each       GPU or CPU, fractional CPUs (`_Encoder`)
+      -> write:   a Parquet shard per `rows_per_shard` rows    CPU tasks, each shard written whole, then renamed
+
+The driver only lists the inputs, reads which of them the output already holds, sizes the actor pool from the
+resources Ray reports, and watches progress: a run finishes, or fails with a message; it never waits silently.
+
+Differs from the local engine:
+    - `out` is a folder of shards `part-<hash of its paths>.parquet` (the local engine writes one file); rows are
+      in no particular order; a shard is named by its inputs, so a retried write task replaces its own shard;
+    - a killed run loses the rows not yet in a shard (at most `rows_per_shard` per write task, plus those in
+      flight); there is no consolidation step (read the folder with `pyarrow.parquet.read_table(out)`);
+    - when a path has rows in two shards (a retried error, a path listed twice) the newest shard's row is kept and
+      the older shard is rewritten without it, at the start and the end of every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from internvit.extract.local import (
+    TILE_MODES,
+    ExtractSummary,
+    _Encoder,
+    _Item,
+    _load_encoder,
+    _output_schema,
+    _Prepare,
+    _processor_for,
+    normalize_layers,
+)
+from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
+from internvit.registry import DEFAULT_MODEL
+
+# Ray (2.40 to 2.60 at least) turns `_node_ip_address="127.0.0.1"` (and `ray start --node-ip-address 127.0.0.1`)
+# into the machine's network address (`ray._private.services.resolve_ip_for_localhost`) and listens on every
+# interface, unless this variable is "0"; with it, a local instance binds to loopback only. It is read when `ray`
+# is imported, and by every process Ray starts.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+TASK_CPUS = 1.0  # what each prepare or write task reserves; the actor pool always leaves this much free
+PREPARE_MEMORY = 1 << 30  # what each prepare task reserves: a worker with torch (~450 MB) + a 100 MP image (300 MB)
+SHARD_PREFIX = "part-"
+SHARD_BYTES = 256 << 20  # the size a default shard stays under
+MAX_INPUT_BLOCKS = 1000  # path lists are cut into at most this many blocks (25k take the driver a minute)
+
+
+class RayRunError(RuntimeError):
+    """The Ray run could not start as asked, or stopped making progress."""
+
+
+@dataclass
+class RayExtractSummary(ExtractSummary):
+    """`ExtractSummary`; `load_seconds` is the time to start or reach Ray, `model_seconds` the mean busy time of an
+    actor's encoder."""
+
+    num_actors: int = 0
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystem(uri_or_path: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows (s3://, gs://, hdfs://...)."""
+    import pyarrow.fs as pafs
+
+    if _is_uri(uri_or_path):
+        return pafs.FileSystem.from_uri(uri_or_path)
+    return pafs.LocalFileSystem(), os.path.abspath(uri_or_path)
+
+
+def _read_bytes(uri: str) -> bytes:
+    fs, path = _filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return f.readall()
+
+
+def _list_remote(uri: str) -> list[str]:
+    """A remote folder (recursive, image and video extensions), list file, or single input, as URIs."""
+    import pyarrow.fs as pafs
+
+    from internvit.preprocess.image import is_image_name
+    from internvit.preprocess.video import is_video_name
+
+    fs, root = _filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        base = uri.rstrip("/")
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        names = sorted(f.path for f in found if f.type == pafs.FileType.File
+                       and (is_image_name(f.base_name) or is_video_name(f.base_name)))
+        return [base + name[len(root.rstrip("/")):] for name in names]
+    if info.type == pafs.FileType.File and os.path.splitext(root)[1].lower() in LIST_EXTENSIONS:
+        lines = (line.strip() for line in _read_bytes(uri).decode("utf-8").splitlines())
+        return [line for line in lines if line and not line.startswith("#")]
+    return [uri]  # a missing remote file becomes a row with its error, as a missing local one
+
+
+@dataclass
+class _Inputs:
+    paths: list[str]  # every distinct input, in order: local absolute paths, URIs, or a table's `path` values
+    tables: dict[str, list[str]]  # Parquet tables that carry the bytes: uri -> its paths (read by Ray Data)
+
+
+def _list_inputs(sources, *, path_column: str, bytes_column: str) -> _Inputs:
+    """Sources as `expand_sources`, plus remote URIs and `.parquet` tables (a path column, maybe a bytes column)."""
+    import pyarrow.parquet as pq
+
+    paths: dict[str, None] = {}
+    tables: dict[str, list[str]] = {}
+    for source in sources:
+        source = os.fspath(source)
+        if source.lower().endswith(".parquet"):
+            fs, path = _filesystem(source)
+            schema = pq.read_schema(path, filesystem=fs)
+            if path_column not in schema.names:
+                raise ValueError(f"{source}: an input table needs a {path_column!r} column (it has "
+                                 f"{', '.join(schema.names)})")
+            rows = pq.read_table(path, columns=[path_column], filesystem=fs).column(path_column).to_pylist()
+            if any(p is None for p in rows):
+                raise ValueError(f"{source}: the {path_column!r} column has nulls; every row needs a name")
+            if bytes_column in schema.names:
+                tables[source] = rows
+            else:
+                paths.update((p if _is_uri(p) else os.path.abspath(p), None) for p in rows)
+        elif _is_uri(source):
+            paths.update((p, None) for p in _list_remote(source))
+        elif os.path.isfile(source) and os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
+            with open(source, encoding="utf-8") as f:  # as `expand_sources`, but a line may be a URI
+                lines = [line.strip() for line in f]
+            paths.update((p if _is_uri(p) else os.path.abspath(p), None)
+                         for p in lines if p and not p.startswith("#"))
+        else:
+            paths.update((p, None) for p in expand_sources([source]))
+    for rows in tables.values():
+        paths.update((p, None) for p in rows)
+    return _Inputs(list(paths), tables)
+
+
+# ---- the output folder -----------------------------------------------------------------------------------
+
+
+def _shard_name(paths: list[str]) -> str:
+    """Named by its inputs: a write task that Ray retries rewrites the same shard instead of adding one."""
+    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:24]
+    return f"{SHARD_PREFIX}{digest}.parquet"
+
+
+def _write_table(fs, path: str, table) -> None:
+    """Whole files only: tmp + rename on a local disk; object stores publish an object when it is closed."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        from internvit._fileio import atomic_write
+
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    else:
+        with fs.open_output_stream(path) as f:
+            pq.write_table(table, f)
+
+
+class _Shards:
+    """The output folder: `part-*.parquet` shards with the local engine's schema and metadata."""
+
+    def __init__(self, out: str) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, self.root = _filesystem(out)
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ValueError(f"{out} is a file; the ray engine writes a folder of Parquet shards, choose another --out")
+        self.fs.create_dir(self.root, recursive=True)
+
+    def files(self) -> list[str]:
+        """Oldest first (by modification time, then name): later shards win when a path is in two."""
+        import pyarrow.fs as pafs
+
+        found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        found = [f for f in found if f.type == pafs.FileType.File and f.base_name.startswith(SHARD_PREFIX)
+                 and f.base_name.endswith(".parquet")]
+        return [f.path for f in sorted(found, key=lambda f: (f.mtime_ns or 0, f.base_name))]
+
+    def check_compatible(self, schema) -> None:
+        """As `FeatureStore`: resuming with other settings (model, dtype, layers, ...) is refused."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from internvit.extract.store import COMPATIBLE_KEYS, OutputMismatchError, read_metadata
+
+        wanted = read_metadata(schema)
+        for path in self.files():
+            try:
+                have = read_metadata(pq.read_schema(path, filesystem=self.fs))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise OutputMismatchError(f"{path}: exists but is not a readable Parquet file ({e})") from None
+            diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
+            if diff:
+                shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+                raise OutputMismatchError(f"{path} was written with other settings ({shown}); use the same options "
+                                          "to resume it, or choose another --out")
+
+    def _rows(self) -> list[tuple[str, list[str], list[str | None]]]:
+        import pyarrow.parquet as pq
+
+        out = []
+        for path in self.files():
+            table = pq.read_table(path, columns=["path", "error"], filesystem=self.fs)
+            out.append((path, table.column("path").to_pylist(), table.column("error").to_pylist()))
+        return out
+
+    def finished(self, *, include_errors: bool = True) -> set[str]:
+        """Paths that already have a row (by default also those whose row is an error)."""
+        done: dict[str, bool] = {}
+        for _, paths, errors in self._rows():
+            done.update((p, e is None) for p, e in zip(paths, errors))
+        return {p for p, ok in done.items() if ok or include_errors}
+
+    def failed(self) -> int:
+        return sum(e is not None for _, _, errors in self._rows() for e in errors)
+
+    def dedupe(self) -> int:
+        """Keep each path's newest row: rewrite (or remove) the shards that hold older ones. Returns rows dropped."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = self._rows()
+        newest: dict[str, tuple[int, int]] = {}
+        for fi, (_, paths, _) in enumerate(rows):
+            for ri, p in enumerate(paths):
+                newest[p] = (fi, ri)
+        dropped = 0
+        for fi, (path, paths, _) in enumerate(rows):
+            keep = [newest[p] == (fi, ri) for ri, p in enumerate(paths)]
+            if all(keep):
+                continue
+            dropped += len(keep) - sum(keep)
+            if any(keep):
+                table = pq.read_table(path, filesystem=self.fs)
+                _write_table(self.fs, path, table.filter(pa.array(keep)))
+            else:
+                self.fs.delete_file(path)
+        return dropped
+
+
+# ---- the three stages (module level: Ray imports them by name on the workers) ----------------------------
+
+
+def _prepare_batch(batch, *, prepare: _Prepare, skip: frozenset):
+    """Rows (path, maybe data) -> one pickled `_Item` per input: its tiles, or the error that stopped it."""
+    import pyarrow as pa
+
+    torch.set_num_threads(1)  # as the local engine's loader workers: the encoder owns the cores
+    paths = batch.column("path").to_pylist()
+    datas = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * len(paths)
+    items = []
+    for path, data in zip(paths, datas):
+        if path in skip:
+            continue
+        if data is None and _is_uri(path):
+            try:
+                data = _read_bytes(path)
+            except Exception as e:  # missing, no permission, network: the input's row says so
+                items.append(pickle.dumps(_Item(path, error=f"{path}: {e.__class__.__name__}: {e}"), protocol=5))
+                continue
+        items.append(pickle.dumps(prepare(path, data), protocol=5))
+    return pa.table({"item": pa.array(items, pa.large_binary())})
+
+
+class _Progress:
+    """A counter the actors report to after each batch (a Ray actor with no CPU), read by the driver."""
+
+    def __init__(self) -> None:
+        self.rows = self.failed = self.tiles = 0
+        self.seconds = 0.0
+
+    def add(self, rows: int, failed: int, tiles: int, seconds: float) -> None:
+        self.rows += rows
+        self.failed += failed
+        self.tiles += tiles
+        self.seconds += seconds
+
+    def get(self) -> tuple[int, int, int, float]:
+        return self.rows, self.failed, self.tiles, self.seconds
+
+
+class _EncodeActor:
+    """One model per actor: a batch of pickled `_Item`s -> their rows, as the local engine's `_Encoder` makes them."""
+
+    def __init__(self, *, model, dtype, device, revision, projector, layers, batch_size, patch_tokens,
+                 visual_tokens, threads, schema, progress) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs this actor did not ask for
+        vit, _, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
+        self.encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
+                                visual_tokens=visual_tokens, projector=proj)
+        self.schema, self.progress = schema, progress
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        items = [pickle.loads(b) for b in batch.column("item").to_pylist()]
+        if not items:
+            return self.schema.empty_table()
+        seconds, tiles = self.encoder.seconds, self.encoder.tiles
+        table = pa.Table.from_pydict(self.encoder(items), schema=self.schema)
+        self.progress.add.remote(len(items), sum(it.error is not None for it in items),
+                                 self.encoder.tiles - tiles, self.encoder.seconds - seconds)
+        return table
+
+
+def _write_batch(batch, *, out: str, schema):
+    """Rows -> one shard (whole or absent); returns its name and row count for the driver."""
+    import pyarrow as pa
+
+    table = batch.select(schema.names).cast(schema).replace_schema_metadata(schema.metadata)
+    if table.num_rows == 0:
+        return pa.table({"shard": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+    fs, root = _filesystem(out)
+    name = _shard_name(table.column("path").to_pylist())
+    _write_table(fs, f"{root.rstrip('/')}/{name}", table)
+    return pa.table({"shard": [name], "rows": [table.num_rows]})
+
+
+# ---- Ray: connect, size the pool, run ------------------------------------------------------------------
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _connect(address: str | None) -> tuple[bool, float]:
+    """Start a local instance on loopback (address None) or connect to `address`; (started by us, seconds)."""
+    t = time.perf_counter()
+    if address is None or _is_loopback(address):
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # before `import ray`; inherited by the processes Ray starts
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the ray engine needs Ray Data: pip install 'internvit[ray]'") from None
+    if ray.is_initialized():
+        return False, 0.0
+    if address is not None:
+        ray.init(address=address)
+        return True, time.perf_counter() - t
+    from ray._private import ray_constants  # `ray` was imported before the variable was set: same effect
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = cluster_mode and os.environ.get(LOOPBACK_ENV) != "0"
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)  # never a `ray start` one
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    where = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    if where != ["127.0.0.1"]:
+        ray.shutdown()
+        raise RayRunError(f"the local Ray instance came up on {', '.join(where)} instead of loopback; start one "
+                          f"yourself ({LOOPBACK_ENV}=0 ray start --head --node-ip-address 127.0.0.1) and pass "
+                          "address='127.0.0.1:6379'")
+    return True, time.perf_counter() - t
+
+
+@dataclass
+class _Pool:
+    num_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int | None  # torch threads per actor (CPU actors); None leaves Ray's default (GPU actors)
+
+
+def _size_pool(num_actors: int | None, cpus_per_actor: float | None, gpus_per_actor: float,
+               max_useful: int | None = None) -> _Pool:
+    """Size the actor pool from what Ray reports now, leaving CPUs to the prepare and write tasks.
+
+    Actors that take every CPU starve the tasks that feed them and the pipeline waits forever; so the actors
+    together reserve at most `total CPUs - TASK_CPUS` (fractional CPUs: each gets min(1, that share)). A pool
+    that does not fit the cluster as it is now is refused rather than waited for (scale an autoscaling cluster
+    up first, e.g. with `ray.autoscaler.sdk.request_resources`). No more actors than `max_useful` (the number of
+    batches, when known) are started.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    seen = f"Ray reports {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)"
+    if gpus_per_actor < 0 or (num_actors is not None and num_actors < 1):
+        raise ValueError(f"num_actors must be >= 1 and gpus_per_actor >= 0, got {num_actors} and {gpus_per_actor}")
+    if gpus_per_actor > 0:
+        fit = int(gpus // gpus_per_actor + 1e-9)
+        if num_actors is None:
+            num_actors = max(fit, 1)
+        if num_actors > fit:
+            raise ValueError(f"{seen}: {num_actors} actors with {gpus_per_actor:g} GPU(s) each do not fit; "
+                             "lower --num-actors or --gpus-per-actor")
+    elif num_actors is None:
+        num_actors = max(1, len(nodes))  # CPU actors: one per node, each with that node's cores
+    if max_useful is not None:
+        num_actors = max(1, min(num_actors, max_useful))
+    free = cpus - TASK_CPUS
+    if cpus_per_actor is None:
+        cpus_per_actor = min(1.0, int(100 * free / num_actors) / 100)
+    if cpus_per_actor <= 0 or num_actors * cpus_per_actor > free + 1e-6:
+        raise ValueError(f"{seen}: {num_actors} actor(s) cannot share {free:g} CPUs and leave {TASK_CPUS:g} to the "
+                         "tasks that read and preprocess the inputs (they would wait for each other forever); "
+                         "use fewer actors or a bigger cluster")
+    threads = None
+    if gpus_per_actor == 0:
+        per_node = -(-num_actors // max(1, len(nodes)))
+        threads = max(1, int(min(n["CPU"] for n in nodes) // per_node)) if nodes else 1
+    return _Pool(num_actors, cpus_per_actor, gpus_per_actor, threads)
+
+
+def _inspect_model(model, *, dtype, revision):
+    """Resolve and check the checkpoint on the driver without loading its weights: (checkpoint, config, dtype)."""
+    from internvit.model.vision import InternVisionModel
+    from internvit.weights import check_state_dict, load_checkpoint, parse_dtype
+
+    ckpt, config, sd = load_checkpoint(model, revision=revision)  # memory-mapped, not read
+    with torch.device("meta"):
+        check_state_dict(InternVisionModel(config), sd, source=ckpt.source)
+    return ckpt, config, parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
+
+
+def _rows_per_shard(config, *, tiles_per_row: int, pooled: int, patch_tokens: bool, visual_width: int) -> int:
+    """Up to 1000 rows, fewer when a row is wide, so that a shard (and a write task's input) stays < SHARD_BYTES."""
+    tokens = (config.image_size // config.patch_size) ** 2  # patch tokens per tile: 1024 at 448 px
+    floats = 2 * config.hidden_size * pooled  # cls + mean per pooled layer
+    floats += patch_tokens * tiles_per_row * tokens * config.hidden_size
+    floats += tiles_per_row * tokens // 4 * visual_width  # 256 visual tokens per tile
+    return max(1, min(1000, SHARD_BYTES // (4 * floats)))
+
+def extract_features_ray(
+    sources,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "bf16",
+    device: str | None = None,
+    batch_size: int = 8,
+    tiles: str = "none",
+    max_tiles: int = 12,
+    frames: int = 8,
+    layers=(),
+    patch_tokens: bool = False,
+    visual_tokens: bool = False,
+    projector: str | None = None,
+    exif_transpose: bool = True,
+    max_pixels: int | None = None,
+    retry_errors: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    num_actors: int | None = None,
+    gpus_per_actor: float = 0,
+    cpus_per_actor: float | None = None,
+    rows_per_shard: int | None = None,
+    path_column: str = "path",
+    bytes_column: str = "bytes",
+    stall_timeout: float | None = 1800.0,
+) -> RayExtractSummary:
+    """Extract features of every input named by `sources` into the folder `out`, on Ray Data.
+
+    The options shared with `extract_features` mean the same and give the same rows (see the README); these are
+    the Ray engine's own:
+
+    Args:
+        sources: as `extract_features`, plus URIs (`s3://bucket/photos/`, `gs://...`, any filesystem pyarrow
+            opens) and `.parquet` tables with a `path_column` (each row's name) and optionally a `bytes_column`
+            (the encoded image; rows without it are opened by path).
+        out: a folder (local, shared or a URI) of Parquet shards; inputs that already have a row there are skipped.
+        device: the actors' device; default CUDA where the actor has a GPU.
+        address: a Ray cluster (`ray://head:10001`, `head:6379`, `auto`); None starts a local instance on
+            loopback, shut down at the end. An already initialised Ray is used as it is.
+        num_actors: encoder actors (one model each); default one per GPU group, or one per node for CPU actors.
+        gpus_per_actor: GPUs per actor (0 = CPU actors; 0.5 puts two on a GPU).
+        cpus_per_actor: CPUs each actor reserves; default min(1, (CPUs - 1) / num_actors), so that reading
+            and preprocessing always keep at least one CPU.
+        rows_per_shard: rows per output shard, and the most a killed run loses per write task; default up to
+            1000, fewer for wide rows (patch or visual tokens) so that a shard stays under about 256 MB.
+        path_column, bytes_column: the columns of input tables.
+        stall_timeout: fail with a message after this many seconds without a finished batch (None = never).
+    """
+    from internvit.preprocess import DEFAULT_MAX_PIXELS
+
+    if tiles not in TILE_MODES:
+        raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
+    start = time.perf_counter()
+    out = os.fspath(out)
+
+    ckpt, config, target = _inspect_model(model, dtype=dtype, revision=revision)
+    projector_width = None
+    if projector is not None:
+        from internvit.model.projector import load_projector
+
+        projector_width = load_projector(projector, revision=None).config.llm_hidden_size
+        visual_tokens = True
+    processor = _processor_for(ckpt)
+    layers = normalize_layers(layers, config.num_hidden_layers)
+    schema = _output_schema(config, source=str(model), dtype=target, processor=processor, layers=layers,
+                            patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
+                            projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames)
+
+    if rows_per_shard is None:
+        tiles_per_row = max(frames, max_tiles + 1 if tiles == "dynamic" else 1)
+        rows_per_shard = _rows_per_shard(config, tiles_per_row=tiles_per_row, pooled=1 + len(layers),
+                                         patch_tokens=patch_tokens,
+                                         visual_width=(projector_width or 4 * config.hidden_size) * visual_tokens)
+    shards = _Shards(out)
+    shards.check_compatible(schema)
+    shards.dedupe()  # a run killed between writing a retried row and removing the old one
+    done = shards.finished(include_errors=not retry_errors)
+    inputs = _list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
+    todo = [p for p in inputs.paths if p not in done]
+    by_bytes = {p for rows in inputs.tables.values() for p in rows}
+    summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0)
+    if todo:
+        prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
+                           DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+        by_path = [p for p in todo if p not in by_bytes]
+        tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
+        run = dict(model=os.fspath(model), dtype=dtype, device=device, revision=revision, projector=projector,
+                   layers=layers, batch_size=batch_size, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
+        _run(by_path, tables, frozenset(done), prepare=prepare, run=run, schema=schema, out=out, summary=summary,
+             address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+             rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
+             stall_timeout=stall_timeout, progress=progress)
+        shards.dedupe()
+    summary.failed = shards.failed()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, num_actors, gpus_per_actor,
+         cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout, progress) -> None:
+    started, summary.load_seconds = _connect(address)
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved_bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # ours below counts inputs; Ray Data's count blocks per operator
+    stop = threading.Event()
+    threads: list[threading.Thread] = []  # the consumer, for `_shutdown`
+    try:
+        batch_size = run["batch_size"]
+        # Inputs per block (one prepare task each, and the unit the actors are fed in): one batch, so that small
+        # runs spread over every actor, but at most MAX_INPUT_BLOCKS blocks (each is a put by the driver).
+        step = batch_size * max(1, -(-len(by_path) // (batch_size * MAX_INPUT_BLOCKS)))
+        blocks = [pa.table({"path": by_path[i:i + step]}) for i in range(0, len(by_path), step)]
+        pool = _size_pool(num_actors, cpus_per_actor, gpus_per_actor, None if tables else len(blocks))
+        summary.num_actors = pool.num_actors
+        # The memory reservation bounds concurrent decodes of huge images per node, and makes these tasks' remote
+        # arguments differ from the actors', which keeps Ray Data from fusing them into the actors (fused, inputs
+        # would be decoded inside the actors, in turn with the encoder instead of beside it).
+        task_args = dict(num_cpus=TASK_CPUS, memory=PREPARE_MEMORY, batch_format="pyarrow")
+        parts = []
+        if blocks:
+            parts.append(ray.data.from_arrow(blocks).map_batches(
+                _prepare_batch, batch_size=batch_size, fn_kwargs={"prepare": prepare, "skip": frozenset()},
+                **task_args))
+        for table in tables:
+            fs, path = _filesystem(table)
+            ds = ray.data.read_parquet(path, filesystem=fs).select_columns([path_column, bytes_column])
+            ds = ds.rename_columns({path_column: "path", bytes_column: "data"})
+            parts.append(ds.map_batches(_prepare_batch, batch_size=batch_size,
+                                        fn_kwargs={"prepare": prepare, "skip": done}, **task_args))
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+        counter = ray.remote(num_cpus=0)(_Progress).remote()
+        # CPU actors take seconds per batch: a batch queued behind a busy actor while another is idle (or still
+        # loading its model) costs more than the prefetch saves; GPU actors are fast enough to want one queued.
+        in_flight = 2 if pool.gpus_per_actor else 1
+        ds = ds.map_batches(
+            _EncodeActor, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.num_actors, max_tasks_in_flight_per_actor=in_flight),
+            num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+            fn_constructor_kwargs=dict(run, threads=pool.threads, schema=schema, progress=counter),
+        )
+        ds = ds.map_batches(_write_batch, batch_size=rows_per_shard, fn_kwargs={"out": out, "schema": schema},
+                            num_cpus=TASK_CPUS, batch_format="pyarrow")
+        _watch(ds, counter, todo=summary.processed, summary=summary, stop=stop, threads=threads,
+               stall_timeout=stall_timeout, progress=progress, pool=pool)
+    finally:
+        stop.set()
+        ctx.enable_progress_bars = saved_bars
+        if started:
+            _shutdown(ray, threads)
+
+
+def _shutdown(ray, threads: list[threading.Thread]) -> None:
+    """Stop the Ray instance this call started, also after a stall with the consumer thread still waiting.
+
+    That thread's next Ray call would otherwise start a new instance (Ray's auto-init), which aborts this process
+    a minute later; with auto-init off until the thread has ended, it gets an error and ends.
+    """
+    from ray._private import auto_init_hook
+
+    auto_connect = auto_init_hook.enable_auto_connect
+    auto_init_hook.enable_auto_connect = False
+    try:
+        ray.shutdown()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        auto_init_hook.enable_auto_connect = auto_connect
+
+
+def _watch(ds, counter, *, todo, summary, stop, threads, stall_timeout, progress, pool) -> None:
+    """Consume the write stage in a thread; here, poll the actors' counter for the bar and for stalls."""
+    import queue
+
+    import ray
+
+    events: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        try:
+            for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if stop.is_set():
+                    return  # leaving the loop closes the iterator, which stops the execution
+            events.put(None)
+        except BaseException as e:  # surfaced in the driver's thread
+            events.put(e)
+
+    thread = threading.Thread(target=consume, name="internvit-ray-consume", daemon=True)
+    thread.start()
+    threads.append(thread)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, unit="input", desc=f"extract (ray, {pool.num_actors} actor(s))", dynamic_ncols=True)
+    last, last_change = None, time.monotonic()
+    try:
+        while True:
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                event = "tick"
+            if isinstance(event, BaseException):
+                raise event
+            rows, failed, tiles, seconds = ray.get(counter.get.remote(), timeout=60)
+            if bar is not None:
+                bar.update(min(rows, todo) - bar.n)
+                bar.set_postfix(failed=failed)
+            if (rows, tiles) != last:
+                last, last_change = (rows, tiles), time.monotonic()
+            if event is None:
+                deadline = time.monotonic() + 5  # the actors' last reports may still be on their way
+                while rows < todo and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    rows, failed, tiles, seconds = ray.get(counter.get.remote(), timeout=60)
+                break
+            if stall_timeout is not None and time.monotonic() - last_change > stall_timeout:
+                raise RayRunError(
+                    f"no batch finished for {stall_timeout:g} s ({rows} of {todo} inputs done); Ray has "
+                    f"{ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g} CPUs "
+                    f"and {ray.available_resources().get('GPU', 0):g} GPUs free; the actors need "
+                    f"{pool.cpus_per_actor:g} CPU and {pool.gpus_per_actor:g} GPU each. Rerun to resume."
+                )
+        summary.tiles, summary.model_seconds = tiles, seconds / pool.num_actors
+    finally:
+        if bar is not None:
+            bar.close()
