@@ -168,7 +168,7 @@ def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | Tiled
     tiled = _as_tiled(images, min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail,
                       share_budget=share_budget, tile_size=model.config.image_size)
     encoded = encode_tiles(model, [t.pixel_values for t in tiled], micro_batch=micro_batch,
-                           layers=(_hidden_index(layer, model),))
+                           layers=(hidden_index(layer, model),))
     with torch.inference_mode():
         hidden_TNC = torch.cat([e[0] for e in encoded])
         if projector is not None:
@@ -178,11 +178,12 @@ def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | Tiled
     return tokens.reshape(-1, tokens.shape[-1]), [t.pixel_values.shape[0] for t in tiled]
 
 
-def _hidden_index(select_layer: int, model: InternVisionModel) -> int:
-    """InternVL's `select_layer` (-1 = last) as an `encode_tiles` layer index."""
-    if select_layer == -1:
-        return -1
+def hidden_index(select_layer: int, model: InternVisionModel) -> int:
+    """InternVL's `select_layer` as an `encode_tiles` layer index: -1 (no hidden states needed) for the last
+    layer, else its index in `hidden_states`."""
     L = model.config.num_hidden_layers
+    if select_layer in (-1, L):
+        return -1
     return select_layer + L + 1 if select_layer < 0 else select_layer
 
 

@@ -7,7 +7,7 @@ fp32; the 300M parity tests (tests/parity) run the default ("auto") path against
 import pytest
 import torch
 
-from internvit import PRESETS, InternVisionModel
+from internvit import InternVisionModel
 from internvit.model.vision import blocked_attention
 
 pytestmark = pytest.mark.unit

@@ -307,9 +307,9 @@ class _Encoder:
     def __init__(self, vit, *, layers, micro_batch, patch_tokens, visual_tokens, projector) -> None:
         self.vit, self.layers, self.micro_batch = vit, layers, micro_batch
         self.patch_tokens, self.visual_tokens, self.projector = patch_tokens, visual_tokens, projector
-        L = vit.config.num_hidden_layers
-        select = projector.config.select_layer if projector is not None else -1
-        self.visual_layer = -1 if select in (-1, L) else (select + L + 1 if select < 0 else select)
+        from internvit.features import hidden_index
+
+        self.visual_layer = hidden_index(projector.config.select_layer if projector is not None else -1, vit)
         self.wanted = tuple(dict.fromkeys((-1, *layers, self.visual_layer)))
         self.seconds = 0.0  # time in the encoder
         self.tiles = 0
