@@ -233,3 +233,110 @@ def test_chat_and_batched_generation_agree(parts):
     both = model.batch_chat(tok, [photo, None], ["What is in the cup?", "What is two plus two?"], **kw)
     assert both == alone
     assert all(isinstance(a, str) for a in alone)
+
+
+# ---- packing (spec §6.4) ----
+
+def packed_dataset(parts, model, tok, tmp_path, *, broken: bool = False):
+    lines = open(EXAMPLES / "train" / "conversations.jsonl").read().splitlines()
+    if broken:
+        lines.append(json.dumps({"id": "gone", "image": "no_such_photo.jpg",
+                                 "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                   {"from": "gpt", "value": "Nothing."}]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"demo": {"root": str(EXAMPLES / "images"), "annotation": str(tmp_path / "data.jsonl"), "repeat_time": 2,
+                  "max_dynamic_patch": 4}}))
+    return ConversationDataset(load_meta(tmp_path / "meta.json"), tok, num_image_token=model.num_image_token,
+                               tile_size=56, max_tiles=4, max_seq_length=512)
+
+
+def test_packed_row_equals_its_samples_alone(parts, tmp_path):
+    """Block-diagonal attention: each sample's logits in a packed row equal its logits alone, and the packed
+    loss (per-sample square weights) equals the padded batch's loss."""
+    from internvit.train.data import collate_packed
+
+    model, tok = fresh(parts)
+    model.eval()
+    ds = packed_dataset(parts, model, tok, tmp_path)
+    samples = [ds[i] for i in range(4)]  # pure text, one image, two images, ...
+    packed = collate_packed([samples], tok.pad_token_id)
+    padded = collate(samples, tok.pad_token_id)
+    with torch.no_grad():
+        p = model(packed["input_ids"], packed["pixel_values"], None, packed["position_ids"], packed["image_flags"])
+        q = model(padded["input_ids"], padded["pixel_values"], padded["attention_mask"], padded["position_ids"],
+                  padded["image_flags"])
+    at = 0
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        torch.testing.assert_close(p[0, at:at + n], q[i, :n], atol=2e-4, rtol=1e-4)
+        at += n
+    lp = next_token_loss(p, packed["labels"], weights=packed["loss_weight"])
+    lq = next_token_loss(q, padded["labels"], weights=padded["loss_weight"])
+    assert lp.item() == pytest.approx(lq.item(), rel=1e-5)
+    assert lq.item() == pytest.approx(next_token_loss(q, padded["labels"], reduction="square").item(), rel=1e-6)
+
+
+def test_packing_refuses_an_llm_whose_attention_mixes_samples(parts):
+    from internvit.train.loop import check_packed_attention
+
+    model, _ = fresh(parts)
+    check_packed_attention(model.language_model)  # Qwen2 in transformers: block-diagonal from position ids
+
+    class FullMask(torch.nn.Module):  # passes a 2D mask, as remote code that builds its own masks would
+        def __init__(self, llm):
+            super().__init__()
+            self.llm = llm
+
+        def get_input_embeddings(self):
+            return self.llm.get_input_embeddings()
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return self.llm(input_ids=input_ids, position_ids=position_ids,
+                            attention_mask=torch.ones_like(input_ids), use_cache=False)
+
+    with pytest.raises(ValueError, match="block-diagonal"):
+        check_packed_attention(FullMask(model.language_model))
+
+
+class Counted(torch.utils.data.Dataset):
+    """Counts loads; raises after `crash_after` of them (a run killed mid-step)."""
+
+    def __init__(self, inner, crash_after=None):
+        self.inner, self.calls, self.crash_after = inner, 0, crash_after
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.crash_after is not None and self.calls > self.crash_after:
+            raise KeyboardInterrupt("killed")
+        return self.inner[i]
+
+
+def test_packed_training_skips_bad_samples_and_resumes_exactly(parts, tmp_path):
+    """Pending pack buffers and the stream position are saved: a killed packed run resumes with the same losses.
+    A sample whose image is missing is skipped, listed in skipped.jsonl, and the run goes on."""
+    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, pack=True, max_packed_tokens=512,
+                      max_packed_tiles=8, max_buffers=2, drop_path_rate=0.0)
+    model, tok = fresh(parts)
+    first_two = Counted(packed_dataset(parts, model, tok, tmp_path, broken=True))
+    train(model, tok, first_two, cfg.replace(max_steps=2), tmp_path / "two", progress=False)
+    model, tok = fresh(parts)
+    straight = train(model, tok, packed_dataset(parts, model, tok, tmp_path, broken=True), cfg, tmp_path / "a",
+                     progress=False)
+    assert straight[-1]["loss"] < straight[0]["loss"]
+    skipped = [json.loads(l) for l in open(tmp_path / "a" / "skipped.jsonl")]
+    assert skipped and all("no_such_photo.jpg" in s["error"] for s in skipped)
+    model, tok = fresh(parts)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, Counted(packed_dataset(parts, model, tok, tmp_path, broken=True), first_two.calls), cfg,
+              tmp_path / "b", progress=False)
+    model, tok = fresh(parts)
+    resumed = train(model, tok, packed_dataset(parts, model, tok, tmp_path, broken=True), cfg, tmp_path / "b",
+                    progress=False)
+    assert [r["step"] for r in resumed] == [3, 4]
+    print("[train] packed:", [round(r["loss"], 5) for r in straight], "resumed:", [round(r["loss"], 5) for r in resumed])
+    for a, b in zip(straight[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

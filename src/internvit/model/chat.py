@@ -129,7 +129,8 @@ class InternVLChatModel(nn.Module):
                 image_flags: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, N, vocab] (the loss is computed by `internvit.train.loss`)."""
         embeds = self.embed(input_ids, pixel_values, image_flags)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)  # without a cache, restarting position ids mean packed samples
         return out.logits
 
     # ---- generation ----

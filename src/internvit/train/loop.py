@@ -5,8 +5,9 @@ What a run folder holds: `train_config.json` (the resolved options), `log.jsonl`
 data position), and at the end `final/` (the InternVL chat checkpoint with its tokenizer) and `vision/` (the ViT
 alone, official InternViT layout).
 
-The data order is a seeded permutation per epoch, split across ranks (rank::world_size), so the position in the
-data is a function of the step and resuming needs no data state beyond it.
+The data order is a seeded permutation per epoch, split across ranks (rank::world_size); each rank's position in
+it (and its pending pack buffers) is saved with `last/`. Samples that cannot be used are skipped and listed in
+`skipped.jsonl` (rank, dataset index, reason).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from internvit.model.chat import InternVLChatModel
-from internvit.train.data import collate
+from internvit.train.data import MicroBatches, Packer
 from internvit.train.loss import next_token_loss
 from internvit.train.stages import TrainConfig
 
@@ -58,21 +59,28 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batches(n: int, cfg: TrainConfig, rank: int, world: int, start_micro: int):
-    """Micro-batches of dataset indices for this rank, from micro-batch `start_micro` on, epoch after epoch."""
-    per_epoch = (n // world) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{n} samples cannot fill one batch of {cfg.batch_size} on each of {world} processes")
-    epoch, k = divmod(start_micro, per_epoch)
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        mine = perm[rank::world][: per_epoch * cfg.batch_size]
-        for j in range(k, per_epoch):
-            yield mine[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-        epoch, k = epoch + 1, 0
+def check_packed_attention(llm: torch.nn.Module) -> None:
+    """Packing needs an LLM whose attention keeps the samples of a row apart when position ids restart (spec §6.4);
+    transformers' native models do, remote code often does not. Compare two short sequences packed and apart."""
+    ids = torch.randint(0, llm.get_input_embeddings().num_embeddings, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(llm.parameters()).device)
+    pos = torch.cat([torch.arange(6), torch.arange(6)])[None].to(ids.device)
+    was_training = llm.training
+    llm.eval()
+    try:
+        with torch.no_grad():
+            packed = llm(input_ids=ids, position_ids=pos, use_cache=False).logits[:, 6:].float()
+            alone = llm(input_ids=ids[:, 6:], position_ids=pos[:, 6:], use_cache=False).logits.float()
+    finally:
+        llm.train(was_training)
+    err = (packed - alone).abs().max().item()
+    if err > 1e-3 * max(1.0, alone.abs().max().item()):
+        raise ValueError(f"pack=True needs block-diagonal attention, but {type(llm).__name__} lets packed samples see "
+                         f"each other (logits differ by {err:.3g}); train without packing or use an LLM that "
+                         "transformers implements natively")
 
 
-def _save_last(run: Path, model, opt, sched, step: int) -> None:
+def _save_last(run: Path, model, opt, sched, step: int, data_states: list[dict]) -> None:
     from safetensors.torch import save_file
 
     tmp = run / ".last.tmp"
@@ -81,7 +89,7 @@ def _save_last(run: Path, model, opt, sched, step: int) -> None:
     trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
+                "data": data_states}, tmp / "state.pt")
     old = run / ".last.old"
     if (run / "last").exists():
         os.replace(run / "last", old)
@@ -117,6 +125,22 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")
+    packer = None
+    if cfg.pack:
+        if getattr(dataset, "max_seq_length", 0) > cfg.max_packed_tokens:
+            raise ValueError(f"max_seq_length={dataset.max_seq_length} exceeds max_packed_tokens="
+                             f"{cfg.max_packed_tokens}: a sample must fit in one pack")
+        check_packed_attention(model.language_model)
+        packer = Packer(max_tokens=cfg.max_packed_tokens, max_tiles=cfg.max_packed_tiles, max_buffers=cfg.max_buffers)
+
+    def on_skip(index: int, message: str) -> None:
+        with open(run / "skipped.jsonl", "a") as f:
+            f.write(json.dumps({"rank": rank, "index": index, "error": message}) + "\n")
+
+    batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
+                           packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip)
     step = 0
     if (run / "last" / "state.pt").exists():  # resume
         from safetensors.torch import load_file
@@ -130,13 +154,13 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])
+        if len(state["data"]) != world:
+            raise ValueError(f"{run} was saved by {len(state['data'])} processes; resume it with as many")
+        batches.load_state_dict(state["data"][rank])
+        torch.set_rng_state(state["data"][rank]["rng"])
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
-        "<|im_end|>")
-    batches = _batches(len(dataset), cfg, rank, world, step * cfg.grad_accum)
     use_bf16 = cfg.bf16 and (cuda or cfg.cpu_bf16)
     bar = None
     if progress and rank == 0:
@@ -150,17 +174,16 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             t0 = time.perf_counter()
             step_loss, tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
-                batch = collate([dataset[i] for i in next(batches)], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 ctx = net.no_sync() if (world > 1 and not sync) else nullcontext()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                  batch["position_ids"], batch["image_flags"])
-                    loss = next_token_loss(logits, batch["labels"], reduction=cfg.loss_reduction)
+                    loss = next_token_loss(logits, batch["labels"], weights=batch["loss_weight"])
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
-                tokens += int(batch["attention_mask"].sum())
+                tokens += batch["num_tokens"]
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -181,8 +204,13 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
+                data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
+                if world > 1:
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, data_states[0])
+                    data_states = gathered
                 if rank == 0:
-                    _save_last(run, model, opt, sched, step)
+                    _save_last(run, model, opt, sched, step, data_states)
                 if world > 1:
                     dist.barrier()
         if rank == 0:

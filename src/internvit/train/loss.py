@@ -38,9 +38,15 @@ def token_weights(labels: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "square",
-                    all_reduce: bool = True) -> torch.Tensor:
-    """Shifted, weighted cross-entropy: logits[:, t] predicts labels[:, t + 1]."""
-    weights = token_weights(labels, reduction)[:, 1:]
+                    weights: torch.Tensor | None = None, all_reduce: bool = True) -> torch.Tensor:
+    """Shifted, weighted cross-entropy: logits[:, t] predicts labels[:, t + 1].
+
+    `weights` [B, N] (at label positions) are needed for packed rows, which hold several samples; by default each
+    row is one sample and its weights follow from `reduction`.
+    """
+    if weights is None:
+        weights = token_weights(labels, reduction)
+    weights = weights[:, 1:].to(logits.device, torch.float32)
     logits, labels = logits[:, :-1], labels[:, 1:]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                          reduction="none")

@@ -34,6 +34,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_length: int = 8192
     max_tiles: int = 12
+    pack: bool = False  # InternVL 2.5's stage scripts pack (spec §6.4); then batch_size counts packs
+    max_packed_tokens: int = 16384
+    max_packed_tiles: int = 48
+    max_buffers: int = 20
     loss_reduction: str = "square"
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
