@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--max-tiles", type=_positive)
+    p.add_argument("--pack", action="store_true", default=None,
+                   help="pack samples into rows of up to max_packed_tokens tokens and max_packed_tiles tiles, as "
+                   "InternVL 2.5's stage scripts do (spec §6.4); --batch-size then counts packs")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the LLM and ViT layers over the processes (FSDP) instead of DDP")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
     p.add_argument("--quiet", action="store_true")
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("meta")
     p.add_argument("--fix", metavar="OUT", help="write the kept samples, a new meta.json and report.json to OUT")
     p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code (InternLM2.5)")
     p.add_argument("--max-seq-length", type=_positive, default=8192)
     p.add_argument("--max-tiles", type=_positive, default=12)
 
@@ -205,7 +211,7 @@ def _data_check(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
     reports = check_meta(args.meta, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
                          max_tiles=args.max_tiles, fix=args.fix)
     for r in reports:
@@ -225,7 +231,8 @@ def _train(args: argparse.Namespace) -> int:
     from internvit.train.stages import STAGES, TrainConfig
 
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "batch_size": args.batch_size,
-                                   "grad_accum": args.grad_accum, "lr": args.lr, "max_tiles": args.max_tiles}.items()
+                                   "grad_accum": args.grad_accum, "lr": args.lr, "max_tiles": args.max_tiles,
+                                   "pack": args.pack, "fsdp": args.fsdp}.items()
                  if v is not None}
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for item in args.set:

@@ -186,19 +186,40 @@ from pathlib import Path
 from internvit.train.data import ConversationDataset, load_meta
 from internvit.train.loop import build_model, train
 from internvit.train.stages import STAGES
-parts, meta, out, bs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+parts, meta, out, bs, fsdp = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "fsdp"
 torch.manual_seed(0)
 model, tok = build_model(llm=str(parts / "llm"), vision=str(parts / "vit"))
 ds = ConversationDataset(load_meta(meta), tok, num_image_token=model.num_image_token, tile_size=56, max_tiles=4)
-rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs, save_every=1000,
+crash_after = int(os.environ.get("CRASH_AFTER", "0"))  # loads per rank before a simulated kill
+
+
+class Crashing(torch.utils.data.Dataset):
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if crash_after and self.calls > crash_after:
+            os._exit(3)
+        return self.inner[i]
+
+
+ds = Crashing(ds)
+rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs,
              drop_path_rate=0.0,  # stochastic depth draws differ between 1 and 2 processes
-             grad_checkpointing=False), out, progress=False)
+             grad_checkpointing=False, fsdp=fsdp, save_every=2), out, progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("ROWS=" + json.dumps(rows))
 """
 
 
-def test_two_gloo_processes_match_one_process(parts, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(parts, tmp_path, mode):
+    """DDP, and FSDP (every LLM and ViT layer sharded over the 2 ranks), give the losses of one process with the
+    same global batch and resume after a kill; the gathered checkpoints equal the 1-process model's."""
     script = tmp_path / "run_train.py"
     script.write_text(DDP_SCRIPT)
     meta = str(EXAMPLES / "train" / "meta.json")
@@ -209,18 +230,34 @@ def test_two_gloo_processes_match_one_process(parts, tmp_path):
         line = next(l for l in proc.stdout.splitlines() if l.startswith("ROWS="))
         return json.loads(line[5:])
 
-    one = rows(subprocess.run([sys.executable, str(script), str(parts), meta, str(tmp_path / "one"), "2"],
+    def torchrun(out, **extra_env):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(parts), meta,
+             str(out), "1", mode], capture_output=True, text=True, env=dict(env, **extra_env), timeout=600)
+
+    one = rows(subprocess.run([sys.executable, str(script), str(parts), meta, str(tmp_path / "one"), "2", mode],
                               capture_output=True, text=True, env=env, timeout=600))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = rows(subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(parts), meta,
-         str(tmp_path / "two"), "1"], capture_output=True, text=True, env=env, timeout=600))
-    print("[train] 1 process:", [round(r["loss"], 5) for r in one], "2 processes:", [round(r["loss"], 5) for r in two])
+    two = rows(torchrun(tmp_path / "two"))
+    print(f"[train] {mode} 1 process:", [round(r["loss"], 5) for r in one], "2 processes:",
+          [round(r["loss"], 5) for r in two])
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # killed while loading step 3 (after the step-2 save), then resumed: step 3 as in the uninterrupted run
+    assert torchrun(tmp_path / "killed", CRASH_AFTER="2").returncode != 0
+    resumed = rows(torchrun(tmp_path / "killed"))
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(two[2]["loss"], rel=1e-5)
+    a = InternVLChatModel.from_pretrained(tmp_path / "one" / "final").state_dict()
+    b = InternVLChatModel.from_pretrained(tmp_path / "two" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    vit = internvit.from_pretrained(tmp_path / "two" / "vision", dtype="fp32")
+    for k, v in vit.state_dict().items():
+        assert torch.equal(v, b["vision_model." + k].to(torch.bfloat16).float()), k
 
 
 def test_chat_and_batched_generation_agree(parts):

@@ -8,14 +8,18 @@ References:
     - `internvl_chat/internvl/conversation.py` template `internvl2_5` (spec §5.3) and the special tokens of
       `train/constants.py` [S7].
 
-Differs from InternVL: no remote code and no flash-attn (the LLM is whatever `AutoModelForCausalLM` builds, with
-its own attention); the LLM is imported lazily (`[train]` extra: transformers).
+Differs from InternVL: no remote code of our own and no flash-attn (the LLM is whatever `AutoModelForCausalLM`
+builds, with its own attention); the LLM is imported lazily (`[train]` extra: transformers). An LLM that brings its
+own code (InternLM2.5 in InternVL2_5-8B: `llm_config.auto_map` -> `modeling_internlm2.py` next to config.json) runs
+only with `trust_remote_code=True`, and `save_pretrained` copies that code into the chat checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +57,7 @@ def add_special_tokens(tokenizer, llm: nn.Module | None = None) -> int:
     """Add InternVL's tokens to a tokenizer (and grow the LLM's embeddings: new rows = the mean of the old ones,
     as InternVL's training does, spec §6.1). Returns the id of `<IMG_CONTEXT>`."""
     added = tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    _sync_add_bos_token(tokenizer)
     if llm is not None and added:
         old = llm.get_input_embeddings().weight.shape[0]
         new = len(tokenizer)
@@ -62,6 +67,30 @@ def add_special_tokens(tokenizer, llm: nn.Module | None = None) -> int:
                 for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()} - {None}:
                     emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
     return tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+
+
+def _sync_add_bos_token(tokenizer) -> None:
+    """Make `tokenizer.add_bos_token` say whether encoding adds BOS (InternLM's tokenizers do).
+
+    `preprocess_internvl2_5` (like InternVL's) reads that flag to put one BOS at the very start. transformers 5
+    drops `add_bos_token` from tokenizer_config.json when a tokenizer.json exists (the BOS is then only in its
+    post-processor), so a reloaded fast tokenizer reports False while it still adds BOS.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None or getattr(tokenizer, "add_bos_token", False):
+        return
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    if with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]:
+        tokenizer.add_bos_token = True  # on a tokenizers-backed tokenizer this rebuilds the same post-processor
+
+
+def _remote_class(cls: type) -> tuple[type, Path] | None:
+    """The class that transformers loaded as remote code (`transformers_modules.*`) in `cls`'s MRO (FSDP wraps
+    classes in subclasses) and its source file; None for a transformers class."""
+    for c in cls.__mro__:
+        if c.__module__.startswith("transformers_modules."):
+            return c, Path(sys.modules[c.__module__].__file__)
+    return None
 
 
 class InternVLChatModel(nn.Module):
@@ -181,27 +210,51 @@ class InternVLChatModel(nn.Module):
 
     # ---- checkpoints ----
 
+    def _llm_code(self) -> tuple[dict[str, str], list[Path]]:
+        """For an LLM run as remote code: its `auto_map` entries and the .py files the checkpoint must carry."""
+        entries: dict[str, str] = {}
+        files: list[Path] = []
+        for key, cls in (("AutoConfig", type(self.language_model.config)),
+                         ("AutoModelForCausalLM", type(self.language_model))):
+            found = _remote_class(cls)
+            if found is None:
+                continue
+            from transformers.dynamic_module_utils import get_relative_import_files
+
+            cls, src = found
+            entries[key] = f"{src.stem}.{cls.__name__}"  # the code now sits next to config.json: no "repo--" prefix
+            files += [src, *map(Path, get_relative_import_files(str(src)))]
+        return entries, list(dict.fromkeys(files))
+
     def config_dict(self) -> dict:
         p = self.projector_config
+        llm_config = self.language_model.config.to_dict()
+        entries, _ = self._llm_code()
+        if entries:
+            llm_config["auto_map"] = {**(llm_config.get("auto_map") or {}), **entries}
         return {
             "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "vision_config": self.vision_model.config.to_dict(),
-            "llm_config": self.language_model.config.to_dict(),
+            "llm_config": llm_config,
             "downsample_ratio": p.downsample_ratio, "ps_version": p.ps_version, "select_layer": p.select_layer,
             "template": self.template, "force_image_size": self.vision_model.config.image_size,
             "img_context_token_id": self.img_context_token_id, "dynamic_image_size": True, "use_thumbnail": True,
             "min_dynamic_patch": 1, "max_dynamic_patch": 12,
         }
 
-    def save_pretrained(self, out_dir: str | os.PathLike, *, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
-        """Write the InternVL chat layout: config.json and model.safetensors (sharded past `max_shard_bytes`)."""
+    def save_pretrained(self, out_dir: str | os.PathLike, *, tokenizer=None, max_shard_bytes: int = 2 << 30,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the InternVL chat layout: config.json and model.safetensors (sharded past `max_shard_bytes`), and
+        for a remote-code LLM its .py files, as InternVL2_5-8B ships `modeling_internlm2.py`.
+
+        `state_dict`: the weights to write instead of `self.state_dict()` (under FSDP, the gathered full one)."""
         from safetensors.torch import save_file
 
         from internvit._fileio import atomic_write
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         if "language_model.lm_head.weight" in sd and getattr(self.language_model.config, "tie_word_embeddings", False):
             sd.pop("language_model.lm_head.weight")  # tied to the input embeddings
         shards: list[dict] = [{}]
@@ -224,24 +277,30 @@ class InternVLChatModel(nn.Module):
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                      "weight_map": weight_map}
             atomic_write(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        for src in self._llm_code()[1]:  # before config.json, whose auto_map points at them
+            atomic_write(out / src.name, lambda p, src=src: shutil.copyfile(src, p))
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(self.config_dict(), indent=2) + "\n"))
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None) -> InternVLChatModel:
-        """Load a chat checkpoint written by `save_pretrained` (or InternVL's own, when its LLM is a native
-        transformers architecture)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, trust_remote_code: bool = False
+                        ) -> InternVLChatModel:
+        """Load a chat checkpoint written by `save_pretrained`, or InternVL's own.
 
+        Args:
+            path: folder, weight file, Hub repo id (see `internvit.weights.resolve`).
+            dtype: cast the loaded model (fp32, bf16, fp16).
+            trust_remote_code: allow an LLM that is not a transformers architecture to run the code that the
+                checkpoint carries for it (`llm_config.auto_map`, e.g. InternLM2.5's `modeling_internlm2.py`).
+        """
         from internvit.weights import parse_dtype, read_state_dict, resolve
 
         ckpt = resolve(path, prefixes=("vision_model.", "mlp1.", "language_model."))
         cfg = json.loads(ckpt.config_path.read_text())
         vision = InternVisionModel(InternVisionConfig.from_dict(cfg["vision_config"]))
-        llm_cfg = dict(cfg["llm_config"])
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg))
+        llm = _build_llm(cfg["llm_config"], ckpt, trust_remote_code=trust_remote_code)
         model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
                     img_context_token_id=cfg["img_context_token_id"], template=cfg.get("template", "internvl2_5"))
         sd = read_state_dict(ckpt, prefixes=("vision_model.", "mlp1.", "language_model."))
@@ -256,8 +315,53 @@ class InternVLChatModel(nn.Module):
             model.to(parse_dtype(dtype))
         return model.eval()
 
-    def export_vision(self, out_dir: str | os.PathLike, *, dtype="bf16") -> Path:
-        """Write the (trained) ViT alone in the official InternViT layout, loadable by `internvit.from_pretrained`."""
+    def export_vision(self, out_dir: str | os.PathLike, *, dtype="bf16",
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the (trained) ViT alone in the official InternViT layout, loadable by `internvit.from_pretrained`;
+        `state_dict` (keys without `vision_model.`) replaces the module's own, as in `save_pretrained`."""
         from internvit.weights import save_pretrained
 
-        return save_pretrained(self.vision_model.state_dict(), self.vision_model.config, out_dir, dtype=dtype)
+        return save_pretrained(state_dict or self.vision_model.state_dict(), self.vision_model.config, out_dir,
+                               dtype=dtype)
+
+
+def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool) -> nn.Module:
+    """A randomly initialised LLM from a chat checkpoint's `llm_config`: a transformers architecture, or the
+    checkpoint's own code when `auto_map` names it and the caller trusts it (transformers' rule: with the flag on,
+    the remote code wins over a native class of the same model_type)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from internvit.weights import CheckpointError
+
+    llm_cfg = dict(llm_config)
+    model_type = llm_cfg.pop("model_type")
+    auto_map = llm_cfg.get("auto_map") or {}
+    remote = "AutoConfig" in auto_map and "AutoModelForCausalLM" in auto_map
+    native = model_type in CONFIG_MAPPING
+    if remote and (trust_remote_code or not native):
+        refs = [auto_map["AutoConfig"], auto_map["AutoModelForCausalLM"]]  # "module.Class" or "repo--module.Class"
+        modules = sorted({ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs})
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"{ckpt.source}: the LLM of this chat checkpoint ({model_type}, "
+                f"{', '.join(llm_cfg.get('architectures') or [])}) is not a transformers architecture and runs "
+                f"the checkpoint's own code ({', '.join(modules)}); if you trust it, pass trust_remote_code=True "
+                "(CLI: --trust-remote-code)")
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        folder = ckpt.config_path.parent
+        here = sorted({ref.rsplit(".", 1)[0] + ".py" for ref in refs if "--" not in ref})  # "repo--": code elsewhere
+        if all((folder / m).is_file() for m in here):
+            code_source = str(folder)
+        elif os.path.exists(ckpt.source.removeprefix("local-dir:")):
+            raise CheckpointError(f"{folder}: llm_config.auto_map needs {', '.join(here)} next to config.json")
+        else:
+            code_source = ckpt.source  # a Hub repo id: transformers fetches the .py files
+        config = get_class_from_dynamic_module(auto_map["AutoConfig"], code_source)(**llm_cfg)
+        config.name_or_path = code_source  # where AutoModelForCausalLM looks for the model's code
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    if not native:
+        raise CheckpointError(f"{ckpt.source}: llm_config.model_type {model_type!r} is not a transformers "
+                              "architecture, and llm_config has no auto_map naming code for it")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_cfg))

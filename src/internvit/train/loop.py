@@ -80,16 +80,51 @@ def check_packed_attention(llm: torch.nn.Module) -> None:
                          "transformers implements natively")
 
 
-def _save_last(run: Path, model, opt, sched, step: int, data_states: list[dict]) -> None:
-    from safetensors.torch import save_file
+def shard_model(model: InternVLChatModel) -> None:
+    """FSDP (torch's `fully_shard`): each LLM decoder layer, each ViT layer, then the rest, sharded over the ranks.
 
+    For LLMs too big to replicate on every GPU; parameter names are unchanged, so checkpoints stay the same.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    llm = model.language_model
+    block_names = set(getattr(llm, "_no_split_modules", None) or [])
+    blocks = [m for m in llm.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"FSDP: {type(llm).__name__} names no decoder-layer class in _no_split_modules")
+    for m in blocks + list(model.vision_model.encoder.layers):
+        fully_shard(m)
+    fully_shard(model)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter, on the CPU; a collective under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+
+
+def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *, rank: int, world: int) -> None:
+    """Write `last/` (trainable weights, optimizer, scheduler, step, every rank's data position and RNG). Called
+    on every rank: gathering sharded weights and the ranks' states are collectives; rank 0 writes."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    trainable = {k: _full(p) for k, p in model.named_parameters() if p.requires_grad}
+    optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, data_states[0])
+        data_states = gathered
+    if rank != 0:
+        return
     tmp = run / ".last.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "data": data_states}, tmp / "state.pt")
+    torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "step": step, "data": data_states},
+               tmp / "state.pt")
     old = run / ".last.old"
     if (run / "last").exists():
         os.replace(run / "last", old)
@@ -117,14 +152,6 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         (run / "train_config.json").write_text(cfg.to_json() + "\n")
     model.to(device)
     apply_stage(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"stage {cfg.stage}: nothing to train")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases and norms
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
         "<|im_end|>")
     packer = None
@@ -141,25 +168,40 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 
     batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
                            packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip)
-    step = 0
-    if (run / "last" / "state.pt").exists():  # resume
+    state = None
+    if (run / "last" / "state.pt").exists():  # resume: the weights go in before any sharding
         from safetensors.torch import load_file
 
         state = torch.load(run / "last" / "state.pt", weights_only=False)
+        if len(state["data"]) != world:
+            raise ValueError(f"{run} was saved by {len(state['data'])} processes; resume it with as many")
         trained = load_file(str(run / "last" / "trainable.safetensors"))
         with torch.no_grad():
             for k, p in model.named_parameters():
                 if k in trained:
                     p.copy_(trained[k])
-        opt.load_state_dict(state["optimizer"])
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:
+        shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage}: nothing to train")
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases and norms
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
+    step = 0
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
-        if len(state["data"]) != world:
-            raise ValueError(f"{run} was saved by {len(state['data'])} processes; resume it with as many")
         batches.load_state_dict(state["data"][rank])
         torch.set_rng_state(state["data"][rank]["rng"])
     net = model
-    if world > 1:
+    if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     use_bf16 = cfg.bf16 and (cuda or cfg.cpu_bf16)
     bar = None
@@ -176,7 +218,9 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
                 sync = micro == cfg.grad_accum - 1 or world == 1
-                ctx = net.no_sync() if (world > 1 and not sync) else nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                ctx = net.no_sync() if (world > 1 and not sync and not fsdp) else nullcontext()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                  batch["position_ids"], batch["image_flags"])
@@ -204,18 +248,19 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
-                if world > 1:
-                    gathered = [None] * world
-                    dist.all_gather_object(gathered, data_states[0])
-                    data_states = gathered
-                if rank == 0:
-                    _save_last(run, model, opt, sched, step, data_states)
+                _save_last(run, model, opt, sched, step, batches, rank=rank, world=world)
                 if world > 1:
                     dist.barrier()
+        full = None
+        if fsdp:  # the whole model, gathered on rank 0 only
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            model.save_pretrained(run / "final", tokenizer=tokenizer)
-            model.export_vision(run / "vision")
+            model.save_pretrained(run / "final", tokenizer=tokenizer, state_dict=full)
+            vision = None if full is None else {k.removeprefix("vision_model."): v for k, v in full.items()
+                                                if k.startswith("vision_model.")}
+            model.export_vision(run / "vision", state_dict=vision)
     finally:
         if bar is not None:
             bar.close()
@@ -227,7 +272,8 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 def build_model(*, llm: str | None = None, vision: str | None = None, init: str | None = None,
                 trust_remote_code: bool = False):
     """(model, tokenizer): from an InternVL chat checkpoint (`init`), or from a Hugging Face causal LM plus an
-    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens)."""
+    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens). `trust_remote_code`
+    lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from internvit.model.chat import add_special_tokens
@@ -236,7 +282,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     from internvit.weights import from_pretrained
 
     if init is not None:
-        model = InternVLChatModel.from_pretrained(init)
+        model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
         add_special_tokens(tokenizer)
         return model, tokenizer

@@ -45,6 +45,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA (and on CPU when asked with cpu_bf16)
     cpu_bf16: bool = False
     grad_checkpointing: bool = True
+    fsdp: bool = False  # under torchrun: shard the LLM and ViT layers (FSDP) instead of replicating (DDP)
     num_workers: int = 0
     seed: int = 0
     save_every: int = 100
