@@ -226,6 +226,8 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    import torch
+
     from internvit.train.data import ConversationDataset, load_meta
     from internvit.train.loop import build_model, train
     from internvit.train.stages import STAGES, TrainConfig
@@ -241,10 +243,12 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--set {item}: unknown option {key!r}; options: {', '.join(sorted(types))}")
         overrides[key] = json.loads(value) if value[:1] in "[{tf0123456789-." and value not in ("", "-") else value
     cfg = STAGES[args.stage](**overrides)
+    torch.manual_seed(cfg.seed)  # a fresh mlp1 is random: the same seed, the same run
     model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
                                    trust_remote_code=args.trust_remote_code)
+    max_seq_length = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.pack else cfg.max_seq_length
     dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
-                                  num_image_token=model.num_image_token, max_seq_length=cfg.max_seq_length,
+                                  num_image_token=model.num_image_token, max_seq_length=max_seq_length,
                                   tile_size=model.vision_model.config.image_size, seed=cfg.seed)
     rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet)
     if rows:

@@ -283,7 +283,14 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
 
     if init is not None:
         model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it reads config.json, whose model_type internvl_chat it does not know
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         add_special_tokens(tokenizer)
         return model, tokenizer
     if llm is None:
