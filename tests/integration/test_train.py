@@ -131,9 +131,10 @@ def test_stage_trains_exactly_its_parts_and_overfits(parts, stage, tmp_path):
 
 
 def test_resume_continues_with_the_same_losses(parts, tmp_path):
-    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2)
+    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2, data_threads=0)
     model, tok = fresh(parts)
-    straight = train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "a", progress=False)
+    straight = train(model, tok, dataset(parts, model, tok), cfg.replace(data_threads=2), tmp_path / "a",
+                     progress=False)  # loading ahead in threads changes nothing
 
 
     class Crash(RuntimeError):
@@ -210,7 +211,8 @@ class Crashing(torch.utils.data.Dataset):
 ds = Crashing(ds)
 rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs,
              drop_path_rate=0.0,  # stochastic depth draws differ between 1 and 2 processes
-             grad_checkpointing=False, fsdp=fsdp, save_every=2), out, progress=False)
+             grad_checkpointing=False, fsdp=fsdp, save_every=2, data_threads=0 if crash_after else 2), out,
+             progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("ROWS=" + json.dumps(rows))
 """
@@ -356,13 +358,13 @@ def test_packed_training_skips_bad_samples_and_resumes_exactly(parts, tmp_path):
     """Pending pack buffers and the stream position are saved: a killed packed run resumes with the same losses.
     A sample whose image is missing is skipped, listed in skipped.jsonl, and the run goes on."""
     cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, pack=True, max_packed_tokens=512,
-                      max_packed_tiles=8, max_buffers=2, drop_path_rate=0.0)
+                      max_packed_tiles=8, max_buffers=2, drop_path_rate=0.0, data_threads=0)  # crash counts loads
     model, tok = fresh(parts)
     first_two = Counted(packed_dataset(parts, model, tok, tmp_path, broken=True))
     train(model, tok, first_two, cfg.replace(max_steps=2), tmp_path / "two", progress=False)
     model, tok = fresh(parts)
-    straight = train(model, tok, packed_dataset(parts, model, tok, tmp_path, broken=True), cfg, tmp_path / "a",
-                     progress=False)
+    straight = train(model, tok, packed_dataset(parts, model, tok, tmp_path, broken=True),
+                     cfg.replace(data_threads=2), tmp_path / "a", progress=False)
     assert straight[-1]["loss"] < straight[0]["loss"]
     skipped = [json.loads(l) for l in open(tmp_path / "a" / "skipped.jsonl")]
     assert skipped and all("no_such_photo.jpg" in s["error"] for s in skipped)

@@ -28,7 +28,9 @@ import io
 import json
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,27 +344,50 @@ class MicroBatches:
         dataset: a `ConversationDataset` (anything indexable that returns its samples).
         batch_size: samples per micro-batch, or packs per micro-batch when `packer` is given.
         packer: pack samples (spec §6.4) with this `Packer`.
+        threads: load (decode, tile, tokenize) this many samples at once, ahead of the training step, in the order
+            of the stream (PIL, tokenizers and torch release the GIL for most of that work); 0 loads in the caller.
     """
 
     def __init__(self, dataset, *, batch_size: int, pad_token_id: int, reduction: str = "square",
                  packer: Packer | None = None, seed: int = 0, rank: int = 0, world: int = 1,
-                 on_skip: Callable[[int, str], None] | None = None) -> None:
+                 on_skip: Callable[[int, str], None] | None = None, threads: int = 0) -> None:
         self.dataset, self.batch_size, self.pad_token_id, self.reduction = dataset, batch_size, pad_token_id, reduction
         self.packer, self.seed, self.rank, self.world = packer, seed, rank, world
         self.on_skip = on_skip or (lambda index, message: None)
-        self.consumed = 0
+        self.consumed = 0  # stream items handed out (not those loading ahead): the position a checkpoint saves
         self.ready: list[list[int]] = []  # complete packs not yet handed out
         self._stream = None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="internvit-data") if threads else None
+        self._ahead: deque[tuple[int, Future]] = deque()
+        self._depth = 4 * threads
 
-    def _next_sample(self) -> tuple[int, dict]:
+    def _load(self, index: int) -> dict | Exception:
+        try:
+            return self.dataset[index]
+        except (SampleError, ValueError) as e:
+            return e
+
+    def _next_loaded(self) -> tuple[int, dict | Exception]:
         if self._stream is None:
             self._stream = index_stream(len(self.dataset), seed=self.seed, rank=self.rank, world=self.world,
                                         multiple=1 if self.packer else self.batch_size, start=self.consumed)
-        for _ in range(len(self.dataset) + 1):
+            self._ahead.clear()
+        self.consumed += 1
+        if self._pool is None:
             index = next(self._stream)
-            self.consumed += 1
+            return index, self._load(index)
+        while len(self._ahead) <= self._depth:
+            index = next(self._stream)
+            self._ahead.append((index, self._pool.submit(self._load, index)))
+        index, future = self._ahead.popleft()
+        return index, future.result()
+
+    def _next_sample(self) -> tuple[int, dict]:
+        for _ in range(len(self.dataset) + 1):
+            index, sample = self._next_loaded()
             try:
-                sample = self.dataset[index]
+                if isinstance(sample, Exception):
+                    raise sample
                 if self.packer is not None:
                     self.ready += self.packer.add(index, len(sample["input_ids"]), len(sample["pixel_values"]))
                 return index, sample
@@ -381,7 +406,17 @@ class MicroBatches:
             self._next_sample()
         packs, self.ready = self.ready[: self.batch_size], self.ready[self.batch_size:]
         # the samples of a pack are loaded again here: a pending buffer keeps indices, not tensors
-        return collate_packed([[self.dataset[i] for i in pack] for pack in packs], self.pad_token_id, self.reduction)
+        mapper = map if self._pool is None else self._pool.map
+        loaded = [list(mapper(self.dataset.__getitem__, pack)) for pack in packs]
+        return collate_packed(loaded, self.pad_token_id, self.reduction)
+
+    def close(self) -> None:
+        """Stop loading ahead (the samples in flight are dropped; the saved position does not count them)."""
+        if self._pool is not None:
+            for _, future in self._ahead:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, deque()
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "ready": [list(p) for p in self.ready],

@@ -167,7 +167,8 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             f.write(json.dumps({"rank": rank, "index": index, "error": message}) + "\n")
 
     batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
-                           packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip)
+                           packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip,
+                           threads=cfg.data_threads)
     state = None
     if (run / "last" / "state.pt").exists():  # resume: the weights go in before any sharding
         from safetensors.torch import load_file
@@ -262,6 +263,7 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                                                 if k.startswith("vision_model.")}
             model.export_vision(run / "vision", state_dict=vision)
     finally:
+        batches.close()
         if bar is not None:
             bar.close()
         if log is not None:

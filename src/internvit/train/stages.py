@@ -46,7 +46,7 @@ class TrainConfig:
     cpu_bf16: bool = False
     grad_checkpointing: bool = True
     fsdp: bool = False  # under torchrun: shard the LLM and ViT layers (FSDP) instead of replicating (DDP)
-    num_workers: int = 0
+    data_threads: int = 2  # samples loaded (decoded, tiled, tokenized) at once, ahead of the step
     seed: int = 0
     save_every: int = 100
     log_every: int = 1
