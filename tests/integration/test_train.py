@@ -379,3 +379,35 @@ def test_packed_training_skips_bad_samples_and_resumes_exactly(parts, tmp_path):
     print("[train] packed:", [round(r["loss"], 5) for r in straight], "resumed:", [round(r["loss"], 5) for r in resumed])
     for a, b in zip(straight[2:], resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_loads_a_chat_checkpoint_in_internvl_s_own_config(parts, tmp_path):
+    """InternVL's released config.json: no img_context_token_id (its code asks the tokenizer), flash-attention
+    requested for the LLM, its own auto_map and extra keys. It loads without flash-attn and gives the same logits."""
+    model, tok = fresh(parts)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg.pop("img_context_token_id")
+    cfg["llm_config"].update(attn_implementation="flash_attention_2", _name_or_path="./pretrained/Qwen2.5",
+                             torch_dtype="bfloat16", use_bfloat16=True)
+    cfg.update(auto_map={"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                         "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+               use_backbone_lora=0, use_llm_lora=0, pad2square=False, torch_dtype="bfloat16")
+    cfg["vision_config"].update(use_flash_attn=True, model_type="intern_vit_6b")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    loaded = InternVLChatModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert loaded.language_model.config._attn_implementation != "flash_attention_2"
+    batch = collate([dataset(parts, model, tok)[1]], tok.pad_token_id)
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+        b = loaded(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+    torch.testing.assert_close(a, b)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "ckpt" / name).unlink()
+    from internvit.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="img_context_token_id"):
+        InternVLChatModel.from_pretrained(tmp_path / "ckpt")
+    assert InternVLChatModel.from_pretrained(tmp_path / "ckpt", img_context_token_id=7).img_context_token_id == 7

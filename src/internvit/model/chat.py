@@ -285,8 +285,8 @@ class InternVLChatModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, trust_remote_code: bool = False
-                        ) -> InternVLChatModel:
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, trust_remote_code: bool = False,
+                        img_context_token_id: int | None = None) -> InternVLChatModel:
         """Load a chat checkpoint written by `save_pretrained`, or InternVL's own.
 
         Args:
@@ -294,6 +294,8 @@ class InternVLChatModel(nn.Module):
             dtype: cast the loaded model (fp32, bf16, fp16).
             trust_remote_code: allow an LLM that is not a transformers architecture to run the code that the
                 checkpoint carries for it (`llm_config.auto_map`, e.g. InternLM2.5's `modeling_internlm2.py`).
+            img_context_token_id: the id of `<IMG_CONTEXT>`; by default from config.json (ours) or from the
+                tokenizer files next to it (InternVL's configs do not store it: its code asks the tokenizer).
         """
         from internvit.weights import parse_dtype, read_state_dict, resolve
 
@@ -304,7 +306,8 @@ class InternVLChatModel(nn.Module):
         if getattr(llm.config, "tie_word_embeddings", False):
             llm.tie_weights()  # skipped by no_init_weights: lm_head must share the embedding before loading
         model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
-                    img_context_token_id=cfg["img_context_token_id"], template=cfg.get("template", "internvl2_5"))
+                    img_context_token_id=img_context_token_id or cfg.get("img_context_token_id")
+                    or _img_context_token_id(ckpt), template=cfg.get("template", "internvl2_5"))
         sd = read_state_dict(ckpt, prefixes=("vision_model.", "mlp1.", "language_model."))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = getattr(llm.config, "tie_word_embeddings", False)
@@ -338,6 +341,8 @@ def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool) -> nn.Module:
 
     llm_cfg = dict(llm_config)
     model_type = llm_cfg.pop("model_type")
+    for key in ("attn_implementation", "_attn_implementation"):  # InternVL's configs ask for flash_attention_2:
+        llm_cfg.pop(key, None)  # transformers then picks sdpa or eager, and flash-attn is not required
     auto_map = llm_cfg.get("auto_map") or {}
     remote = "AutoConfig" in auto_map and "AutoModelForCausalLM" in auto_map
     native = model_type in CONFIG_MAPPING
@@ -369,6 +374,30 @@ def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool) -> nn.Module:
                               "architecture, and llm_config has no auto_map naming code for it")
     with _no_init_weights():
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_cfg))
+
+
+def _img_context_token_id(ckpt) -> int:
+    """`<IMG_CONTEXT>`'s id from the tokenizer files beside config.json (tokenizer.json, tokenizer_config.json or
+    added_tokens.json), without loading a tokenizer."""
+    from internvit.weights import CheckpointError
+
+    folder = ckpt.config_path.parent
+    found: dict[str, int] = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if name == "tokenizer.json":
+            found.update((t["content"], t["id"]) for t in data.get("added_tokens", []))
+        elif name == "tokenizer_config.json":
+            found.update((t["content"], int(i)) for i, t in (data.get("added_tokens_decoder") or {}).items())
+        else:
+            found.update(data)
+        if IMG_CONTEXT_TOKEN in found:
+            return found[IMG_CONTEXT_TOKEN]
+    raise CheckpointError(f"{ckpt.source}: config.json has no img_context_token_id and no tokenizer file next to "
+                          f"it names {IMG_CONTEXT_TOKEN}; pass img_context_token_id=")
 
 
 def _no_init_weights():

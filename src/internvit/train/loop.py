@@ -62,8 +62,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def check_packed_attention(llm: torch.nn.Module) -> None:
     """Packing needs an LLM whose attention keeps the samples of a row apart when position ids restart (spec §6.4);
     transformers' native models do, remote code often does not. Compare two short sequences packed and apart."""
-    ids = torch.randint(0, llm.get_input_embeddings().num_embeddings, (1, 12), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(next(llm.parameters()).device)
+    vocab = llm.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0)).to(next(llm.parameters()).device)
     pos = torch.cat([torch.arange(6), torch.arange(6)])[None].to(ids.device)
     was_training = llm.training
     llm.eval()
@@ -293,7 +293,9 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
             tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
         finally:
             hf_logging.set_verbosity(verbosity)
-        add_special_tokens(tokenizer)
+        # the tokenizer is the authority on <IMG_CONTEXT> (InternVL's code asks it too); a tokenizer without
+        # InternVL's tokens gains them here, and the LLM's embeddings grow with it
+        model.img_context_token_id = add_special_tokens(tokenizer, model.language_model)
         return model, tokenizer
     if llm is None:
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
