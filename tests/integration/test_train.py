@@ -178,6 +178,9 @@ def test_exported_vit_and_chat_checkpoint_round_trip(parts, tmp_path):
         b = reloaded(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
     torch.testing.assert_close(a, b)
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    half = InternVLChatModel.from_pretrained(tmp_path / "run" / "final", dtype="bf16")  # built in bf16 directly
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.language_model.model.rotary_emb.inv_freq.dtype == torch.float32  # rotary angles stay exact
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["stage"] == "1.5"
 
 

@@ -301,13 +301,20 @@ class InternVLChatModel(nn.Module):
 
         ckpt = resolve(path, prefixes=("vision_model.", "mlp1.", "language_model."))
         cfg = json.loads(ckpt.config_path.read_text())
-        vision = InternVisionModel(InternVisionConfig.from_dict(cfg["vision_config"]))
-        llm = _build_llm(cfg["llm_config"], ckpt, trust_remote_code=trust_remote_code)
-        if getattr(llm.config, "tie_word_embeddings", False):
-            llm.tie_weights()  # skipped by no_init_weights: lm_head must share the embedding before loading
-        model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
-                    img_context_token_id=img_context_token_id or cfg.get("img_context_token_id")
-                    or _img_context_token_id(ckpt), template=cfg.get("template", "internvl2_5"))
+        target, default = parse_dtype(dtype), torch.get_default_dtype()
+        if target is not None:  # built in the target dtype: no fp32 copy of an 8B LLM on the way
+            torch.set_default_dtype(target)
+        try:
+            vision = InternVisionModel(InternVisionConfig.from_dict(cfg["vision_config"]))
+            llm = _build_llm(cfg["llm_config"], ckpt, trust_remote_code=trust_remote_code,
+                             dtype=torch.get_default_dtype())
+            if getattr(llm.config, "tie_word_embeddings", False):
+                llm.tie_weights()  # skipped by no_init_weights: lm_head must share the embedding before loading
+            model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
+                        img_context_token_id=img_context_token_id or cfg.get("img_context_token_id")
+                        or _img_context_token_id(ckpt), template=cfg.get("template", "internvl2_5"))
+        finally:
+            torch.set_default_dtype(default)
         sd = read_state_dict(ckpt, prefixes=("vision_model.", "mlp1.", "language_model."))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = getattr(llm.config, "tie_word_embeddings", False)
@@ -316,9 +323,7 @@ class InternVLChatModel(nn.Module):
             from internvit.weights import CheckpointError
 
             raise CheckpointError(f"{path}: chat checkpoint mismatch; missing {missing[:10]}, unexpected {unexpected[:10]}")
-        if dtype is not None:
-            model.to(parse_dtype(dtype))
-        return model.eval()
+        return model.eval()  # no .to(target): it would round the LLM's fp32 rotary inv_freq buffer to bf16
 
     def export_vision(self, out_dir: str | os.PathLike, *, dtype="bf16",
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -330,7 +335,7 @@ class InternVLChatModel(nn.Module):
                                dtype=dtype)
 
 
-def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool) -> nn.Module:
+def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
     """A randomly initialised LLM from a chat checkpoint's `llm_config`: a transformers architecture, or the
     checkpoint's own code when `auto_map` names it and the caller trusts it (transformers' rule: with the flag on,
     the remote code wins over a native class of the same model_type)."""
@@ -368,12 +373,12 @@ def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool) -> nn.Module:
         config = get_class_from_dynamic_module(auto_map["AutoConfig"], code_source)(**llm_cfg)
         config.name_or_path = code_source  # where AutoModelForCausalLM looks for the model's code
         with _no_init_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=True, **_dtype_kwarg(dtype))
     if not native:
         raise CheckpointError(f"{ckpt.source}: llm_config.model_type {model_type!r} is not a transformers "
                               "architecture, and llm_config has no auto_map naming code for it")
     with _no_init_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_cfg))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_cfg), **_dtype_kwarg(dtype))
 
 
 def _img_context_token_id(ckpt) -> int:
@@ -398,6 +403,14 @@ def _img_context_token_id(ckpt) -> int:
             return found[IMG_CONTEXT_TOKEN]
     raise CheckpointError(f"{ckpt.source}: config.json has no img_context_token_id and no tokenizer file next to "
                           f"it names {IMG_CONTEXT_TOKEN}; pass img_context_token_id=")
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`from_config`'s dtype argument: `dtype` in transformers >= 5, `torch_dtype` before (without it, the config's
+    own torch_dtype would win)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def _no_init_weights():
