@@ -130,6 +130,18 @@ def test_stage_trains_exactly_its_parts_and_overfits(parts, stage, tmp_path):
     assert last < first / 2
 
 
+def test_unfreeze_vit_layers_trains_only_the_last_layers(parts, tmp_path):
+    from internvit.train.loop import apply_stage
+
+    model, _ = fresh(parts)
+    apply_stage(model, STAGES["1"](unfreeze_vit_layers=-1))  # the tiny ViT has 2 layers: layer 1 learns
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert any(k.startswith("vision_model.encoder.layers.1.") for k in trainable)
+    assert any(k.startswith("mlp1.") for k in trainable)
+    assert not any(k.startswith(("vision_model.encoder.layers.0.", "vision_model.embeddings", "language_model."))
+                   for k in trainable)
+
+
 def test_resume_continues_with_the_same_losses(parts, tmp_path):
     cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2, data_threads=0)
     model, tok = fresh(parts)

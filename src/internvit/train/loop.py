@@ -36,13 +36,17 @@ def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
         for p in module.parameters():
             p.requires_grad_(trainable)
     layers = model.vision_model.encoder.layers
+    if cfg.unfreeze_vit_layers and not cfg.train_vision:
+        for p in layers[cfg.unfreeze_vit_layers:].parameters():
+            p.requires_grad_(True)
     L = len(layers)
     for i, layer in enumerate(layers):
         layer.drop_path = cfg.drop_path_rate * i / (L - 1) if L > 1 else 0.0
     model.train()
     if not cfg.train_llm:
         model.language_model.eval()  # freeze_llm also switches dropout off; a frozen ViT stays in train mode
-    model.vision_model.set_grad_checkpointing(cfg.grad_checkpointing and cfg.train_vision)
+    vision_learns = cfg.train_vision or bool(cfg.unfreeze_vit_layers)
+    model.vision_model.set_grad_checkpointing(cfg.grad_checkpointing and vision_learns)
     if cfg.grad_checkpointing and cfg.train_llm:
         llm = model.language_model
         if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5

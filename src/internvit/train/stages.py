@@ -29,6 +29,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.01
     drop_path_rate: float = 0.1
+    unfreeze_vit_layers: int = 0  # with a frozen ViT: train layers[k:] anyway (InternVL's flag; -4 = last 4)
     max_steps: int = 1000
     batch_size: int = 1  # per process
     grad_accum: int = 1
