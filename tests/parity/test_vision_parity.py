@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import internvit
-from conftest import timm_to_transformers
+from conftest import timm_to_official, timm_to_transformers
 
 pytestmark = pytest.mark.parity
 
@@ -245,3 +245,27 @@ def test_bf16_vs_fp32_reference(out_bf16):
     report("bf16 448x448 ours vs timm fp32 min cosine", ours.min().item())
     report("bf16 448x448 timm bf16 vs timm fp32 min cosine", timm_.min().item())
     assert (ours >= BF16_MIN_COSINE).all(), ours
+
+
+# ---- training: gradients (stage 1.5 / 2 train the ViT) ----------------------------------------------------
+
+
+def test_gradients_equal_timm(random_300m, ours):
+    """fp32, train mode, drop-path 0, our gradient checkpointing on: the gradient of every parameter for a loss
+    on all tokens equals timm's (timm without checkpointing)."""
+    timm_model = copy.deepcopy(random_300m.timm_model).train()
+    model = copy.deepcopy(ours).train()
+    for layer in model.encoder.layers:
+        layer.drop_path = 0.0  # the official config's 0.1 would make both sides random
+    model.set_grad_checkpointing(True)
+    x = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(7))
+    target = torch.randn(1, 1025, 1024, generator=torch.Generator().manual_seed(8))
+    ((model(x).last_hidden_state - target) ** 2).mean().backward()
+    ((timm_model.forward_features(x) - target) ** 2).mean().backward()
+    theirs = timm_to_official({k: p.grad for k, p in timm_model.named_parameters()})
+    worst = 0.0
+    for k, p in model.named_parameters():
+        rel = (max_abs(p.grad, theirs[k]) / theirs[k].abs().max().clamp(min=1e-30)).item()
+        worst = max(worst, rel)
+    report("fp32 448x448 gradients vs timm, worst relative max abs over 340 tensors", worst)
+    assert worst < 1e-4
