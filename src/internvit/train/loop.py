@@ -147,9 +147,11 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # NCCL collectives, FSDP and all_gather_object use the current device
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     torch.manual_seed(cfg.seed + rank)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,7 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             opt.zero_grad(set_to_none=True)
             step += 1
             if world > 1:
-                t = torch.tensor([step_loss, tokens], dtype=torch.float64)
+                t = torch.tensor([step_loss, tokens], dtype=torch.float64, device=device)  # NCCL: not on CPU
                 dist.all_reduce(t)
                 step_loss, tokens = t[0].item() / world, int(t[1].item())
             row = {"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0],
