@@ -158,6 +158,34 @@ def test_unfreeze_vit_layers_trains_only_the_last_layers(parts, tmp_path):
                    for k in trainable)
 
 
+def test_lora_trains_adapters_only_and_saves_merged_checkpoints(parts, tmp_path):
+    """vit_lora_rank / llm_lora_rank: the base weights stay as they were, the adapters and mlp1 learn, the loss
+    falls; final/ (adapters merged) reloads to the logits of the trained model with its adapters."""
+    model, tok = fresh(parts)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = STAGES["2"](max_steps=20, lr=0.02, warmup_steps=2, vit_lora_rank=4, llm_lora_rank=4, save_every=1000)
+    rows = train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run",
+                 progress=False)
+    after = model.state_dict()
+    adapters = [k for k in after if ".lora." in k]
+    assert any(k.startswith("vision_model.") for k in adapters) and any(k.startswith("language_model.")
+                                                                        for k in adapters)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("mlp1."))  # bases untouched
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mlp1."))
+    print(f"[train] LoRA r=4 on ViT and LLM: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    assert rows[-1]["loss"] < rows[0]["loss"] / 2
+    reloaded = InternVLChatModel.from_pretrained(tmp_path / "run" / "final")
+    assert not any(".lora." in k for k in reloaded.state_dict())
+    batch = collate([dataset(parts, model, tok)[0]], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+        b = reloaded(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    vit = internvit.from_pretrained(tmp_path / "run" / "vision", dtype="fp32")  # merged, official keys
+    assert set(vit.state_dict()) == set(reloaded.vision_model.state_dict())
+
+
 def test_resume_continues_with_the_same_losses(parts, tmp_path):
     cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2, data_threads=0)
     model, tok = fresh(parts)
@@ -201,7 +229,8 @@ from pathlib import Path
 from internvit.train.data import ConversationDataset, load_meta
 from internvit.train.loop import build_model, train
 from internvit.train.stages import STAGES
-parts, meta, out, bs, fsdp = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "fsdp"
+parts, meta, out, bs, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+lora = 4 if mode == "fsdp+lora" else 0
 torch.manual_seed(0)
 model, tok = build_model(llm=str(parts / "llm"), vision=str(parts / "vit"))
 ds = ConversationDataset(load_meta(meta), tok, num_image_token=model.num_image_token, tile_size=56, max_tiles=4)
@@ -225,17 +254,19 @@ class Crashing(torch.utils.data.Dataset):
 ds = Crashing(ds)
 rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs,
              drop_path_rate=0.0,  # stochastic depth draws differ between 1 and 2 processes
-             grad_checkpointing=False, fsdp=fsdp, save_every=2, data_threads=0 if crash_after else 2), out,
+             grad_checkpointing=False, fsdp=mode != "ddp", vit_lora_rank=lora, llm_lora_rank=lora, lora_dropout=0.0,
+             save_every=2, data_threads=0 if crash_after else 2), out,
              progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("ROWS=" + json.dumps(rows))
 """
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp+lora"])
 def test_two_gloo_processes_match_one_process(parts, tmp_path, mode):
-    """DDP, and FSDP (every LLM and ViT layer sharded over the 2 ranks), give the losses of one process with the
-    same global batch and resume after a kill; the gathered checkpoints equal the 1-process model's."""
+    """DDP, and FSDP (every LLM and ViT layer sharded over the 2 ranks; also with LoRA adapters on both), give the
+    losses of one process with the same global batch and resume after a kill; the gathered (and merged)
+    checkpoints equal the 1-process model's."""
     script = tmp_path / "run_train.py"
     script.write_text(DDP_SCRIPT)
     meta = str(EXAMPLES / "train" / "meta.json")

@@ -29,12 +29,29 @@ from internvit.train.loss import next_token_loss
 from internvit.train.stages import TrainConfig
 
 
+def llm_blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LLM's decoder layers: the classes its `_no_split_modules` names (transformers' convention)."""
+    names = set(getattr(llm, "_no_split_modules", None) or [])
+    blocks = [m for m in llm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(llm).__name__} names no decoder-layer class in _no_split_modules")
+    return blocks
+
+
 def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
-    """Trainable parts and drop-path of a stage; InternVL's freezing semantics (spec §6.1)."""
-    for module, trainable in ((model.vision_model, cfg.train_vision), (model.mlp1, cfg.train_mlp),
-                              (model.language_model, cfg.train_llm)):
-        for p in module.parameters():
-            p.requires_grad_(trainable)
+    """Trainable parts and drop-path of a stage; InternVL's freezing semantics (spec §6.1). A part with LoRA
+    (`vit_lora_rank`, `llm_lora_rank`) keeps its base weights frozen and trains its adapters."""
+    from internvit.train.lora import add_lora
+
+    if cfg.vit_lora_rank:
+        add_lora(list(model.vision_model.encoder.layers), cfg.vit_lora_rank, dropout=cfg.lora_dropout, seed=cfg.seed)
+    if cfg.llm_lora_rank:
+        add_lora(llm_blocks(model.language_model), cfg.llm_lora_rank, dropout=cfg.lora_dropout, seed=cfg.seed + 1)
+    for module, trainable in ((model.vision_model, cfg.train_vision and not cfg.vit_lora_rank),
+                              (model.mlp1, cfg.train_mlp),
+                              (model.language_model, cfg.train_llm and not cfg.llm_lora_rank)):
+        for name, p in module.named_parameters():
+            p.requires_grad_(trainable or ".lora." in name)
     layers = model.vision_model.encoder.layers
     if cfg.unfreeze_vit_layers and not cfg.train_vision:
         for p in layers[cfg.unfreeze_vit_layers:].parameters():
@@ -43,11 +60,11 @@ def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
     for i, layer in enumerate(layers):
         layer.drop_path = cfg.drop_path_rate * i / (L - 1) if L > 1 else 0.0
     model.train()
-    if not cfg.train_llm:
+    if not cfg.train_llm and not cfg.llm_lora_rank:
         model.language_model.eval()  # freeze_llm also switches dropout off; a frozen ViT stays in train mode
-    vision_learns = cfg.train_vision or bool(cfg.unfreeze_vit_layers)
+    vision_learns = cfg.train_vision or bool(cfg.unfreeze_vit_layers) or bool(cfg.vit_lora_rank)
     model.vision_model.set_grad_checkpointing(cfg.grad_checkpointing and vision_learns)
-    if cfg.grad_checkpointing and cfg.train_llm:
+    if cfg.grad_checkpointing and (cfg.train_llm or cfg.llm_lora_rank):
         llm = model.language_model
         if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
             llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -91,12 +108,10 @@ def shard_model(model: InternVLChatModel) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
-    llm = model.language_model
-    block_names = set(getattr(llm, "_no_split_modules", None) or [])
-    blocks = [m for m in llm.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise ValueError(f"FSDP: {type(llm).__name__} names no decoder-layer class in _no_split_modules")
-    for m in blocks + list(model.vision_model.encoder.layers):
+    with torch.no_grad():  # FSDP, unlike DDP, does not start every rank from rank 0's weights: make it so
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    for m in llm_blocks(model.language_model) + list(model.vision_model.encoder.layers):
         fully_shard(m)
     fully_shard(model)
 
@@ -258,16 +273,19 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                 _save_last(run, model, opt, sched, step, batches, rank=rank, world=world)
                 if world > 1:
                     dist.barrier()
-        full = None
         if fsdp:  # the whole model, gathered on rank 0 only
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = model.state_dict()
         if rank == 0:
+            from internvit.train.lora import merge_lora
+
+            full = merge_lora(full)  # LoRA adapters folded in: plain checkpoints
             model.save_pretrained(run / "final", tokenizer=tokenizer, state_dict=full)
-            vision = None if full is None else {k.removeprefix("vision_model."): v for k, v in full.items()
-                                                if k.startswith("vision_model.")}
-            model.export_vision(run / "vision", state_dict=vision)
+            model.export_vision(run / "vision", state_dict={k.removeprefix("vision_model."): v
+                                                            for k, v in full.items() if k.startswith("vision_model.")})
     finally:
         batches.close()
         if bar is not None:
@@ -284,7 +302,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.chat import _dtype_kwarg, add_special_tokens
     from internvit.model.projector import ProjectorConfig
     from internvit.registry import DEFAULT_MODEL
     from internvit.weights import from_pretrained
@@ -307,7 +325,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
     language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
-                                                          torch_dtype=torch.float32)
+                                                          **_dtype_kwarg(torch.float32))  # fp32 master weights
     ctx = add_special_tokens(tokenizer, language_model)
     vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
     projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,

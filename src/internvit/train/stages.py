@@ -30,6 +30,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     drop_path_rate: float = 0.1
     unfreeze_vit_layers: int = 0  # with a frozen ViT: train layers[k:] anyway (InternVL's flag; -4 = last 4)
+    vit_lora_rank: int = 0  # > 0: the ViT learns through LoRA adapters of this rank (InternVL's use_backbone_lora)
+    llm_lora_rank: int = 0  # > 0: the LLM learns through LoRA adapters (use_llm_lora; 16 in the LoRA scripts)
+    lora_dropout: float = 0.05
     max_steps: int = 1000
     batch_size: int = 1  # per process
     grad_accum: int = 1
