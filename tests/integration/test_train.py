@@ -338,7 +338,7 @@ def packed_dataset(parts, model, tok, tmp_path, *, broken: bool = False):
 def test_packed_row_equals_its_samples_alone(parts, tmp_path):
     """Block-diagonal attention: each sample's logits in a packed row equal its logits alone, and the packed
     loss (per-sample square weights) equals the padded batch's loss."""
-    from internvit.train.data import collate_packed
+    from internvit.train.batches import collate_packed
 
     model, tok = fresh(parts)
     model.eval()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from internvit.train.data import Packer, index_stream
+from internvit.train.batches import Packer, index_stream
 
 
 def internvl_packs(samples, max_tokens, max_tiles, max_buffers):

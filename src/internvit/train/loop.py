@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from internvit.model.chat import InternVLChatModel
-from internvit.train.data import MicroBatches, Packer
+from internvit.train.batches import MicroBatches, Packer
 from internvit.train.loss import next_token_loss
 from internvit.train.stages import TrainConfig
 
