@@ -38,6 +38,7 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
         {"id": "loop", "conversations": [{"from": "human", "value": "Why?"}, {"from": "gpt", "value":
                                          " ".join(["because the sky is blue and the sea is blue too"] * 6)}]},
         {"id": "noconv"},
+        {"id": "unanswered", "conversations": [{"from": "human", "value": "Anyone?"}]},
         good,  # a duplicate line
     ]
     ann = tmp_path / "data.jsonl"
@@ -49,15 +50,16 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
     reasons = {d["id"]: d["reasons"] for d in report.dropped}
     assert reasons == {"missing": ["missing_media"], "unreadable": ["unreadable_media"],
                        "mismatch": ["placeholder_mismatch"], "empty": ["empty_answer"], "dup": ["duplicate_answer"],
-                       "loop": ["repetitive"], "noconv": ["bad_format"], "good": ["duplicate_sample"],
+                       "loop": ["repetitive"], "noconv": ["bad_format"], "unanswered": ["no_answer"],
+                       "good": ["duplicate_sample"],
                        None: ["bad_json"]}
-    assert report.samples == 11 and report.kept == 2
+    assert report.samples == 12 and report.kept == 2
 
     out = tmp_path / "fixed"
     proc = subprocess.run([sys.executable, "-m", "internvit.cli", "data", "check", str(meta), "--fix", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
-    assert "demo: 11 samples, 2 kept" in proc.stdout
+    assert "demo: 12 samples, 2 kept" in proc.stdout
     kept = [json.loads(l)["id"] for l in (out / "demo.jsonl").read_text().splitlines()]
     assert kept == ["good", "text"]
     new_meta = json.loads((out / "meta.json").read_text())

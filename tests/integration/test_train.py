@@ -440,3 +440,15 @@ def test_loads_a_chat_checkpoint_in_internvl_s_own_config(parts, tmp_path):
     with pytest.raises(CheckpointError, match="img_context_token_id"):
         InternVLChatModel.from_pretrained(tmp_path / "ckpt")
     assert InternVLChatModel.from_pretrained(tmp_path / "ckpt", img_context_token_id=7).img_context_token_id == 7
+
+
+def test_bad_annotations_are_named_with_dataset_file_and_line(parts, tmp_path):
+    _, tok = fresh(parts)
+    (tmp_path / "a.jsonl").write_text('{"conversations": [{"from": "human", "value": "Hi"}]}\n{oops\n')
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "a.jsonl"},
+                                                    "e": {"root": ".", "annotation": "gone.jsonl"}}))
+    specs = load_meta(tmp_path / "meta.json")
+    with pytest.raises(ValueError, match=r"dataset 'd': .*a\.jsonl line 2 is not JSON"):
+        ConversationDataset(specs[:1], tok)
+    with pytest.raises(ValueError, match=r"dataset 'e': cannot read its annotation .*gone\.jsonl"):
+        ConversationDataset(specs[1:], tok)

@@ -70,8 +70,19 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
 
 def read_samples(spec: DatasetSpec) -> list[dict]:
     """The dataset's JSONL lines after `repeat_time` (spec §6.2)."""
-    with open(spec.annotation, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    lines = []
+    try:
+        with open(spec.annotation, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"dataset {spec.name!r}: {spec.annotation} line {number} is not JSON ({e}); "
+                                         "`internvit data check` lists every problem of a meta JSON") from None
+    except OSError as e:
+        raise ValueError(f"dataset {spec.name!r}: cannot read its annotation {spec.annotation} "
+                         f"({e.strerror or e})") from None
     if spec.repeat_time < 1:
         lines = lines[: int(len(lines) * spec.repeat_time)]
     elif spec.repeat_time > 1:

@@ -323,6 +323,8 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
         return model, tokenizer
     if llm is None:
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
+    if llm.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(llm)):
+        raise ValueError(f"--llm {llm}: no such folder (a local LLM is a folder with config.json and weights)")
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
     language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
                                                           **_dtype_kwarg(torch.float32))  # fp32 master weights

@@ -9,7 +9,7 @@ Per sample of every dataset in a meta JSON:
       `max_seq_length` (needs a tokenizer);
     - `repetitive`: an answer whose repeated 10-grams make up more than 40% of its 10-grams (InternVL's n-gram
       check; words, or characters for text without spaces);
-    - `empty_answer`, `duplicate_answer` (the same answer twice in one conversation), `duplicate_sample` (a line
+    - `no_answer` (no `gpt` turn: nothing is supervised), `empty_answer`, `duplicate_answer` (the same answer twice in one conversation), `duplicate_sample` (a line
       identical to an earlier one in the dataset).
 With `fix`, the kept lines are written per dataset with a new meta JSON, and `report.json` lists every dropped
 line with its reasons.
@@ -91,6 +91,8 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
         except (ImageLoadError, OSError, ValueError):
             problems.append("unreadable_media")
     answers = [t["value"] for t in conv if t["from"] == "gpt"]
+    if not answers:
+        problems.append("no_answer")  # nothing to learn from: its loss weight would be 0
     if any(not a.strip() for a in answers):
         problems.append("empty_answer")
     if len(set(a.strip() for a in answers)) < len(answers):
