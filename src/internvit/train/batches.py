@@ -167,17 +167,17 @@ class MicroBatches:
         index, future = self._ahead.popleft()
         return index, future.result()
 
-    def _next_sample(self) -> tuple[int, dict]:
+    def _next_sample(self) -> dict:
         for _ in range(len(self.dataset) + 1):
             index, sample = self._next_loaded()
-            try:
-                if isinstance(sample, Exception):
-                    raise sample
-                if self.packer is not None:
+            if self.packer is not None and not isinstance(sample, Exception):
+                try:
                     self.ready += self.packer.add(index, len(sample["input_ids"]), len(sample["pixel_values"]))
-                return index, sample
-            except (SampleError, ValueError) as e:
-                self.on_skip(index, str(e))
+                except ValueError as e:  # more tokens or tiles than a pack holds
+                    sample = e
+            if not isinstance(sample, Exception):
+                return sample
+            self.on_skip(index, str(sample))
         raise RuntimeError(f"{len(self.dataset) + 1} samples in a row could not be used; see the skipped samples")
 
     def __iter__(self):
@@ -185,7 +185,7 @@ class MicroBatches:
 
     def __next__(self) -> dict:
         if self.packer is None:
-            samples = [self._next_sample()[1] for _ in range(self.batch_size)]
+            samples = [self._next_sample() for _ in range(self.batch_size)]
             return collate(samples, self.pad_token_id, self.reduction)
         while len(self.ready) < self.batch_size:
             self._next_sample()
