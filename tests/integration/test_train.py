@@ -452,3 +452,26 @@ def test_bad_annotations_are_named_with_dataset_file_and_line(parts, tmp_path):
         ConversationDataset(specs[:1], tok)
     with pytest.raises(ValueError, match=r"dataset 'e': cannot read its annotation .*gone\.jsonl"):
         ConversationDataset(specs[1:], tok)
+
+
+def test_frozen_llm_is_checkpointed_without_changing_the_numbers(parts):
+    """Stage 1: the frozen LLM stays in eval mode (InternVL's freeze_llm), yet its layers are recomputed in the
+    backward pass instead of keeping their activations; loss and mlp1 gradients are the same either way."""
+    from internvit.train.loop import apply_stage
+
+    results = {}
+    for checkpointing in (False, True):
+        model, tok = fresh(parts)
+        apply_stage(model, STAGES["1"](grad_checkpointing=checkpointing))
+        attn = model.language_model.model.layers[0].self_attn
+        assert not attn.training  # dropout and attention of the frozen LLM: eval
+        calls = []
+        attn.register_forward_hook(lambda *_: calls.append(1))
+        batch = collate([dataset(parts, model, tok)[1]], tok.pad_token_id)
+        logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["position_ids"])
+        loss = next_token_loss(logits, batch["labels"], weights=batch["loss_weight"])
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        results[checkpointing] = (loss.item(), model.mlp1[1].weight.grad.clone())
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1])

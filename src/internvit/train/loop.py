@@ -64,12 +64,28 @@ def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
         model.language_model.eval()  # freeze_llm also switches dropout off; a frozen ViT stays in train mode
     vision_learns = cfg.train_vision or bool(cfg.unfreeze_vit_layers) or bool(cfg.vit_lora_rank)
     model.vision_model.set_grad_checkpointing(cfg.grad_checkpointing and vision_learns)
-    if cfg.grad_checkpointing and (cfg.train_llm or cfg.llm_lora_rank):
+    if cfg.grad_checkpointing:  # also for a frozen LLM: the backward to mlp1 and the ViT runs through it
         llm = model.language_model
         if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
             llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif hasattr(llm, "gradient_checkpointing_enable"):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not llm.training:
+            _checkpoint_in_eval(llm)
+
+
+def _checkpoint_in_eval(llm: torch.nn.Module) -> None:
+    """transformers checkpoints a decoder layer only while the layer's own `training` flag is set, so a frozen LLM
+    in eval mode would keep every activation for the backward pass (stages 1 and 1.5 at 16k tokens: tens of GB).
+    Set that flag on the layer objects alone: their dropout and attention children stay in eval mode, so the
+    numbers do not change, and the layers are recomputed in the backward pass instead of stored."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no per-layer switch
+        return
+    for block in llm.modules():
+        if isinstance(block, GradientCheckpointingLayer):
+            block.training = True
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
