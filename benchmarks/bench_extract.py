@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import tempfile
 import time
@@ -138,7 +137,7 @@ def main() -> None:
     from internvit.weights import init_checkpoint
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_vit import machine, to_timm
+    from bench_vit import machine, to_timm, write_results
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "photos": args.photos,
               "max_tiles": args.max_tiles, "dtype": args.dtype, "batch_size": args.batch_size, "workers": args.workers}
@@ -191,12 +190,8 @@ def main() -> None:
     e, m, c = report["extract"], report["model_only"], report["model_card_way"]
     report["extract_vs_model_only"] = e["tiles_per_s"] / m["tiles_per_s"]
     report["extract_vs_model_card"] = e["images_per_s"] / c["images_per_s"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    cpu = report["machine"]["cpu"].lower().replace(" ", "-")
-    stem = args.out / f"extract_{cpu}-fam{report['machine']['cpu_family']}_{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    stem.with_suffix(".md").write_text(md)
+    write_results(args.out, "extract", report, md)
     print(md)
 
 

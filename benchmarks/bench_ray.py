@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import sys
@@ -50,7 +49,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_extract import make_photos
-    from bench_vit import machine
+    from bench_vit import machine, write_results
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "photos": args.photos,
               "batch_size": args.batch_size, "repeats": args.repeats, "models": {}}
@@ -97,12 +96,8 @@ def main() -> None:
             ray.shutdown()
 
     report["load_average_after"] = os.getloadavg()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    m = report["machine"]
-    stem = args.out / f"ray_{m['cpu'].lower().replace(' ', '-')}-fam{m['cpu_family']}_{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    stem.with_suffix(".md").write_text(md)
+    write_results(args.out, "ray", report, md)
     print(md)
 
 

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_vit import GFLOP_PER_TILE, RESULTS, _reset_peak_rss, _rss_mb, _timed, machine, to_timm  # noqa: E402
+from bench_vit import (  # noqa: E402
+    GFLOP_PER_TILE, RESULTS, _reset_peak_rss, _rss_mb, _timed, machine, to_timm, write_results)
 
 
 def build(impl: str, state_dict, checkpointing: bool):
@@ -135,9 +136,6 @@ def main() -> None:
     m = machine()
     meta = {"date": dt.date.today().isoformat(), "machine": m, "threads": args.threads, "batch": args.batch,
             "rounds": args.rounds}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"train_{m['cpu'].lower().replace(' ', '-')}-fam{m['cpu_family']}_{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "speed": speed, "memory": memory}, indent=2))
     lines = [f"# InternViT-300M training step: internvit vs timm ({meta['date']})", "",
              f"{m['cpu']} (family {m['cpu_family']}), {args.threads} threads, torch {m['versions']['torch']}, "
              f"timm {m['versions'].get('timm')}; batch "
@@ -157,8 +155,9 @@ def main() -> None:
     for r in memory:
         lines.append(f"| {r['impl']} | {'on' if r['checkpointing'] else 'off'} | {r['rss_before_mb']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = "\n".join(lines) + "\n"
+    write_results(RESULTS, "train", dict(meta, speed=speed, memory=memory), md)
+    print(md)
 
 
 if __name__ == "__main__":

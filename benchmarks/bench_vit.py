@@ -241,6 +241,17 @@ def run_child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_results(out: Path, theme: str, report: dict, md: str) -> Path:
+    """Write `<out>/<theme>_<cpu>-fam<family>_<date>.{json,md}` (STYLE.md: `[theme]_[hardware]_[date]`); returns the
+    path without suffix. `report` holds "machine" (from `machine()`) and "date"."""
+    m = report["machine"]
+    stem = out / f"{theme}_{m['cpu'].lower().replace(' ', '-')}-fam{m['cpu_family']}_{report['date']}"
+    out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    return stem
+
+
 def machine() -> dict:
     import torch
 
@@ -368,11 +379,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             internvit.weights.init_checkpoint(tmp, preset="300m", dtype="bf16")
             report["load"] = run_child(["--_load", tmp, "--threads", str(args.threads)])
-    args.out.mkdir(parents=True, exist_ok=True)
-    cpu = report["machine"]["cpu"].lower().replace(" ", "-")
-    stem = args.out / f"vit_{cpu}-fam{report['machine']['cpu_family']}_{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = write_results(args.out, "vit", report, markdown(report))
     chart(report, stem.with_suffix(".png"))
     print(markdown(report))
     print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
