@@ -143,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "extract":
+        common = dict(  # the options both engines take
+            model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+            batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
+            layers=args.layers, patch_tokens=args.patch_tokens, visual_tokens=args.visual_tokens,
+            projector=args.projector, exif_transpose=not args.no_exif, max_pixels=args.max_pixels,
+            retry_errors=args.retry_errors, progress=not args.quiet)
         if args.engine == "ray":  # --workers and --flush-seconds are the local engine's
             from internvit.extract.ray import RayRunError, extract_features_ray
 
             try:
-                s = extract_features_ray(
-                    args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype,
-                    device=args.device, batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles,
-                    frames=args.frames, layers=args.layers, patch_tokens=args.patch_tokens,
-                    visual_tokens=args.visual_tokens, projector=args.projector, exif_transpose=not args.no_exif,
-                    max_pixels=args.max_pixels, retry_errors=args.retry_errors, progress=not args.quiet,
-                    address=args.address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,
-                )
+                s = extract_features_ray(args.sources, args.out, **common, address=args.address,
+                                         num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor)
             except RayRunError as e:
                 print(f"internvit extract: error: {e}", file=sys.stderr)
                 return 2
@@ -168,15 +168,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0 if s.ok else 1
         from internvit.extract import extract_features
 
-        s = extract_features(
-            args.sources, args.out, model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-            batch_size=args.batch_size, num_workers=args.workers, tiles=args.tiles, max_tiles=args.max_tiles,
-            frames=args.frames, layers=args.layers, patch_tokens=args.patch_tokens,
-            visual_tokens=args.visual_tokens, projector=args.projector,
-            exif_transpose=not args.no_exif, max_pixels=args.max_pixels, retry_errors=args.retry_errors,
-            flush_seconds=args.flush_seconds,
-            progress=not args.quiet,
-        )
+        s = extract_features(args.sources, args.out, **common, num_workers=args.workers,
+                             flush_seconds=args.flush_seconds)
         busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
         print(
             f"{s.out}: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, "
