@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from internvit.model.chat import IGNORE_INDEX
-from internvit.train.data import SampleError, collate
+from internvit.train.data import collate
 from internvit.train.loss import token_weights
 
 
@@ -120,10 +120,11 @@ class Packer:
 class MicroBatches:
     """The micro-batches one training process sees, packed or padded, skipping unusable samples.
 
-    A sample that raises `SampleError` (unreadable media, placeholder mismatch, truncated image tokens) is reported
-    through `on_skip(index, message)` and replaced by the next one of the stream; a stream in which a whole epoch's
-    worth of samples in a row fails is an error. `state_dict()` is the data position (items consumed and pending
-    pack buffers): saved with a checkpoint, it lets a resumed run continue with exactly the same batches.
+    A sample that raises `SampleError` (unreadable media, placeholder mismatch, truncated image tokens) or another
+    ValueError is reported through `on_skip(index, message)` and replaced by the next one of the stream; a stream in
+    which a whole epoch's worth of samples in a row fails is an error. `state_dict()` is the data position (items
+    consumed and pending pack buffers): saved with a checkpoint, it lets a resumed run continue with exactly the
+    same batches.
 
     Args:
         dataset: a `ConversationDataset` (anything indexable that returns its samples).
@@ -149,7 +150,7 @@ class MicroBatches:
     def _load(self, index: int) -> dict | Exception:
         try:
             return self.dataset[index]
-        except (SampleError, ValueError) as e:
+        except ValueError as e:  # SampleError, and the tokenizer's or tiler's own
             return e
 
     def _next_loaded(self) -> tuple[int, dict | Exception]:

@@ -139,19 +139,23 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
 
 
-def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *, rank: int, world: int) -> None:
+def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *, rank: int, world: int,
+               sharded: bool) -> None:
     """Write `last/` (trainable weights, optimizer, scheduler, step, every rank's data position and RNG). Called
-    on every rank: gathering sharded weights and the ranks' states are collectives; rank 0 writes."""
+    on every rank: gathering the ranks' states, and under FSDP (`sharded`) the weights and optimizer state, are
+    collectives; rank 0 writes (under DDP the other ranks copy nothing)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    trainable = {k: _full(p) for k, p in model.named_parameters() if p.requires_grad}
-    optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, data_states[0])
         data_states = gathered
+    if rank != 0 and not sharded:
+        return
+    trainable = {k: _full(p) for k, p in model.named_parameters() if p.requires_grad}
+    optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
     tmp = run / ".last.tmp"
@@ -286,19 +290,18 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                _save_last(run, model, opt, sched, step, batches, rank=rank, world=world)
+                _save_last(run, model, opt, sched, step, batches, rank=rank, world=world, sharded=fsdp)
                 if world > 1:
                     dist.barrier()
-        if fsdp:  # the whole model, gathered on rank 0 only
+        full = None
+        if fsdp:  # the whole model, gathered on rank 0 only (a collective)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            full = model.state_dict()
         if rank == 0:
             from internvit.train.lora import merge_lora
 
-            full = merge_lora(full)  # LoRA adapters folded in: plain checkpoints
+            full = merge_lora(full if fsdp else model.state_dict())  # LoRA adapters folded in: plain checkpoints
             model.save_pretrained(run / "final", tokenizer=tokenizer, state_dict=full)
             model.export_vision(run / "vision", state_dict={k.removeprefix("vision_model."): v
                                                             for k, v in full.items() if k.startswith("vision_model.")})

@@ -9,8 +9,8 @@ Per sample of every dataset in a meta JSON:
       `max_seq_length` (needs a tokenizer);
     - `repetitive`: an answer whose repeated 10-grams make up more than 40% of its 10-grams (InternVL's n-gram
       check; words, or characters for text without spaces);
-    - `no_answer` (no `gpt` turn: nothing is supervised), `empty_answer`, `duplicate_answer` (the same answer twice in one conversation), `duplicate_sample` (a line
-      identical to an earlier one in the dataset).
+    - `no_answer` (no `gpt` turn: nothing is supervised), `empty_answer`, `duplicate_answer` (the same answer twice
+      in one conversation), `duplicate_sample` (a line identical to an earlier one in the dataset).
 With `fix`, the kept lines are written per dataset with a new meta JSON, and `report.json` lists every dropped
 line with its reasons.
 """
