@@ -1,15 +1,25 @@
 """The `internvit` command: argparse subcommands that call the public API and nothing else.
 
 Exit status: 0 success; 1 `extract` finished but some inputs failed (their rows hold the errors); 2 the command
-could not run (bad arguments, a checkpoint that cannot be loaded, an incompatible output file).
+could not run (bad arguments, a checkpoint that cannot be loaded, an output in use or written with other
+settings, no inputs, no such device), said in one line; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), with
+the finished rows saved. `--debug` shows the traceback of an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from internvit import __version__
 from internvit.registry import DEFAULT_MODEL, REGISTRY
+
+SHOWN_ERRORS = 10  # failed inputs listed at the end of `extract`
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that finished rows are saved on the way out (as on Ctrl-C)."""
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -20,14 +30,38 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
+def _tile_budget(text: str) -> int:
+    from internvit.preprocess.tiling import MAX_TILES
+
+    value = _positive(text)
+    if value > MAX_TILES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TILES} tiles (InternVL 2.5 uses 12), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internvit", description="InternViT-300M-448px-V2_5 without remote code.")
+    parser.add_argument("--version", action="version", version=f"internvit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -45,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_positive, default=8,
                    help="tiles per forward, and inputs per loading batch (default: 8)")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes, 0 = none (default: 2)")
+    p.add_argument("--workers", type=_non_negative, default=2, help="image-loading processes, 0 = none (default: 2)")
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="none: the model card's CLIP preprocessing, one 448 tile (default); dynamic: InternVL 2.5 "
                    "tiles (1..--max-tiles by aspect ratio) plus a thumbnail")
-    p.add_argument("--max-tiles", type=_positive, default=12, help="tile budget per image with --tiles dynamic (default: 12)")
+    p.add_argument("--max-tiles", type=_tile_budget, default=12,
+                   help="tile budget per image with --tiles dynamic, at most 128 (default: 12)")
     p.add_argument("--frames", type=_positive, default=8, help="frames sampled per video (default: 8)")
     p.add_argument("--layers", type=_layers, default=(),
                    help="also pool these layers (0 = embeddings, 24 = last, -1 = last): columns cls_lI, mean_lI")
@@ -112,33 +147,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=_positive, default=8192)
     p.add_argument("--max-tiles", type=_positive, default=12)
 
+    p = sub.add_parser("errors", help="list the failed inputs of an extract output, with their reasons",
+                       description="Print `path<TAB>reason` for every error row of an output written by "
+                       "`internvit extract` (a Parquet file, or a folder of shards from --engine ray).")
+    p.add_argument("out", help="the --out of the extract run")
+
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
     p.add_argument("out_dir")
     p.add_argument("--preset", default="300m", choices=["300m", "6b", "tiny"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT_DIR")
 
     p = sub.add_parser("convert", help="rewrite a chat, sharded, timm or transformers checkpoint in the official layout")
     p.add_argument("source", help="Hub repo id, local folder or weight file")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: keep the stored dtype")
     p.add_argument("--revision")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT_DIR")
+    for p in sub.choices.values():  # also after the command: `internvit extract ... --debug`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from internvit.extract.store import OutputMismatchError
-    from internvit.weights import CheckpointError
-
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
-    except (CheckpointError, OutputMismatchError, ValueError, OSError) as e:
-        print(f"internvit {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        saved = "; finished rows are saved, rerun to resume" if args.command == "extract" else ""
+        print(f"internvit {args.command}: {what}{saved}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line (and exit 2); --debug shows where
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"internvit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"internvit {args.command}: interrupted; finished rows are saved, rerun to resume", file=sys.stderr)
-        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; library errors already read as sentences, anything else is named by its type."""
+    from internvit.extract.store import OutputLockedError, OutputMismatchError
+    from internvit.weights import CheckpointError
+
+    text = " ".join(str(e).split()) or e.__class__.__name__
+    if isinstance(e, (CheckpointError, OutputMismatchError, OutputLockedError, ValueError, OSError)):
+        return text
+    return f"{e.__class__.__name__}: {text} (rerun with --debug for the traceback)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"each encoder busy {100 * busy:.0f}% of the rest)",
                 file=sys.stderr,
             )
+            _show_failures(s.out, s.failed)
             return 0 if s.ok else 1
         from internvit.extract import extract_features
 
@@ -177,7 +244,14 @@ def _run(args: argparse.Namespace) -> int:
             f"encoder busy {100 * busy:.0f}% of the rest)",
             file=sys.stderr,
         )
+        _show_failures(s.out, s.failed)
         return 0 if s.ok else 1
+    if args.command == "errors":
+        from internvit.extract.store import read_errors
+
+        for path, error in read_errors(args.out):
+            print(f"{path}\t{' '.join(error.split())}")
+        return 0
     if args.command == "train":
         return _train(args)
     if args.command == "data":
@@ -185,16 +259,31 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "init":
         from internvit.weights import init_checkpoint
 
-        out = init_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype)
+        out = init_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype,
+                              overwrite=args.overwrite)
         print(f"wrote a random {args.preset} checkpoint ({args.dtype}) to {out}", file=sys.stderr)
         return 0
     if args.command == "convert":
         from internvit.weights import convert
 
-        out = convert(args.source, args.out_dir, dtype=args.dtype, revision=args.revision)
+        out = convert(args.source, args.out_dir, dtype=args.dtype, revision=args.revision, overwrite=args.overwrite)
         print(f"wrote the official layout to {out}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+def _show_failures(out, failed: int) -> None:
+    """Up to SHOWN_ERRORS failed inputs with their reasons, and how to list them all."""
+    if not failed:
+        return
+    from internvit.extract.store import read_errors
+
+    errors = read_errors(out)
+    print(f"failed inputs ({len(errors)}):", file=sys.stderr)
+    for _, error in errors[:SHOWN_ERRORS]:
+        print(f"  {' '.join(error.split())}", file=sys.stderr)
+    if len(errors) > SHOWN_ERRORS:
+        print(f"  ... and {len(errors) - SHOWN_ERRORS} more: internvit errors {out}", file=sys.stderr)
 
 
 def _data_check(args: argparse.Namespace) -> int:

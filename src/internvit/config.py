@@ -22,6 +22,12 @@ from typing import Any
 
 MODEL_TYPE = "intern_vit_6b"  # the official model_type, shared by the 300M and the 6B (spec §1)
 
+# Upper bounds "within reason" (the 6B is 3200 wide, 12800 inner, 45 layers, 25 heads): far above any InternViT,
+# far below what would take minutes to build or overflow.
+_SIZE_LIMITS = {"hidden_size": 1 << 15, "num_hidden_layers": 512, "num_attention_heads": 1024,
+                "intermediate_size": 1 << 17, "image_size": 1 << 14, "patch_size": 1 << 10, "num_channels": 16}
+MAX_POSITIONS = 1 << 20
+
 
 @dataclass(frozen=True, kw_only=True)
 class InternVisionConfig:
@@ -52,6 +58,22 @@ class InternVisionConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Checked before any module is built: a zero, negative or absurd size otherwise fails deep inside torch
+        # (a ZeroDivisionError, a 0-wide Linear) or builds for minutes (a million layers on the meta device).
+        for name, limit in _SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"config: {name} must be an integer from 1 to {limit}, got {value!r}")
+        if self.num_channels != 3:
+            raise ValueError(f"config: num_channels must be 3 (the official patch embedding is RGB), got {self.num_channels!r}")
+        if self.grid_size**2 + 1 > MAX_POSITIONS:
+            raise ValueError(f"config: image_size / patch_size = {self.grid_size} gives more than {MAX_POSITIONS} positions")
+        for name in ("dropout", "attention_dropout", "drop_path_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"config: {name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"config: layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
@@ -133,7 +155,10 @@ class InternVisionConfig:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:

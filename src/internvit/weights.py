@@ -14,9 +14,11 @@ costs no copy. The mapping is copy-on-write: training the loaded model never tou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,50 @@ class Checkpoint:
     @property
     def directory(self) -> Path:
         return self.weight_files[0].parent
+
+    def fingerprint(self) -> str:
+        """What identifies these weights and config, cheaply (see `files_fingerprint`); cached."""
+        if not hasattr(self, "_fingerprint"):
+            files = [*self.weight_files, *(p for p in (self.config_path,) if p is not None)]
+            self._fingerprint = files_fingerprint(files)
+        return self._fingerprint
+
+
+FINGERPRINT_BLOCKS = 64  # sampled blocks per weight file
+FINGERPRINT_BLOCK_BYTES = 4096
+
+
+def files_fingerprint(files: Iterable[Path]) -> str:
+    """A content fingerprint of weight files, fast enough to compute on every run (~1 ms for the 608 MB file).
+
+    Hashes each file's size, its first 1 MiB (the whole safetensors header: names, dtypes, shapes, offsets) and
+    64 blocks of 4 KiB spread evenly over the rest. Other weights of the same architecture (another seed, a
+    fine-tune) differ in every sampled block; an edit that avoids all of them is not detected. File names and
+    modification times are left out, so a copied or moved checkpoint keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(size.to_bytes(8, "little"))
+            h.update(f.read(1 << 20))
+            if size > 1 << 20:
+                step = (size - (1 << 20)) // FINGERPRINT_BLOCKS
+                for i in range(FINGERPRINT_BLOCKS):
+                    f.seek((1 << 20) + i * step)
+                    h.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """The same idea for tensors in memory (a model not loaded from files): names, shapes, dtypes, sampled values."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().reshape(-1)
+        h.update(f"{name}:{tuple(sd[name].shape)}:{t.dtype}".encode())
+        step = max(1, t.numel() // 256)
+        h.update(t[::step][:256].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -131,11 +177,26 @@ def _from_index(index_path: Path, source: str, prefixes: tuple[str, ...] | None 
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
     folder = index_path.parent
-    shards = [folder / f for f in dict.fromkeys(weight_map[k] for k in select_keys(weight_map, prefixes))]
+    names = list(dict.fromkeys(weight_map[k] for k in select_keys(weight_map, prefixes)))
+    outside = [n for n in names if not _inside(n)]
+    if outside:
+        raise CheckpointError(f"{index_path}: shard paths must name files inside its folder, got {outside[:3]}")
+    shards = [folder / f for f in names]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{index_path}: shard(s) listed in the index are missing: {missing}")
     return Checkpoint(source, shards, _existing(folder / CONFIG_NAME), _existing(folder / PREPROCESSOR_NAME), weight_map)
+
+
+def _inside(name: object) -> bool:
+    """Whether a shard name from an index stays inside the index's folder: relative, and no `..` escape.
+
+    Checked lexically: the Hub cache's shards are symlinks into its own blobs/ folder, which is fine.
+    """
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        return False
+    norm = os.path.normpath(name)
+    return norm not in (os.curdir, os.pardir) and not norm.startswith(os.pardir + os.sep)
 
 
 VISION_PREFIXES = ("vision_model.", "vision_tower.", "model.vision_tower.")
@@ -154,17 +215,63 @@ def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+HUB_PROBE_SECONDS = 5.0
+_hub_probes: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face endpoint answers HTTP within `timeout` seconds (any status counts as an answer).
+
+    False at once under `HF_HUB_OFFLINE=1`. Without this probe, huggingface_hub retries each file on a machine
+    with no route to the Hub, for minutes and with pages of warnings, before its (clear) error. The answer is
+    kept for a minute per endpoint.
+    """
+    import time
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = constants.ENDPOINT
+    seen = _hub_probes.get(endpoint)
+    if seen is not None and time.monotonic() - seen[0] < 60:
+        return seen[1]
+    answer: list[bool] = []
+
+    def probe() -> None:
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(True)
+        except urllib.error.HTTPError:  # an HTTP status is an answer
+            answer.append(True)
+        except Exception:  # noqa: BLE001 - refused, unresolvable, timed out: not reachable
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores `timeout`: bound it here
+    thread.start()
+    thread.join(timeout)
+    ok = bool(answer and answer[0])
+    _hub_probes[endpoint] = (time.monotonic(), ok)
+    return ok
+
+
 def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None,
                  prefixes: tuple[str, ...] | None = None) -> Checkpoint:
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover - a core dependency
         raise CheckpointError(f"{repo_id}: loading from the Hub needs huggingface_hub (pip install huggingface_hub)")
 
+    online = hub_reachable()  # else only the local cache is read, at once
+
     def fetch(filename: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=not online))
         except hf_errors.LocalEntryNotFoundError as e:  # offline, or no network, and not in the cache
             failures.append(f"{filename}: {str(e).splitlines()[0]}")
             return None
@@ -186,6 +293,8 @@ def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None,
         if candidate.endswith(".index.json"):
             weight_map = json.loads(path.read_text())["weight_map"]
             for shard in dict.fromkeys(weight_map[k] for k in select_keys(weight_map, prefixes)):
+                if not _inside(shard):
+                    raise CheckpointError(f"{repo_id}: {candidate} names a shard outside its folder: {shard!r}")
                 if fetch(shard) is None:
                     raise CheckpointError(f"{repo_id}: could not get shard {shard}: {failures[-1] if failures else ''}")
             ckpt = _from_index(path, repo_id, prefixes)
@@ -193,14 +302,19 @@ def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None,
             ckpt = Checkpoint(repo_id, [path], None, None)
         ckpt.config_path, ckpt.preprocessor_path = config, preprocessor
         return ckpt
-    from huggingface_hub import constants
-
     where = f"cache {cache_dir or constants.HF_HUB_CACHE}"
-    why = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-    detail = "; ".join(failures[:3]) or "the repo has none of " + ", ".join(WEIGHT_CANDIDATES)
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE=1 forbids downloading"
+    elif not online:
+        why = f"the Hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_SECONDS:.0f} s"
+    else:
+        why = "the Hub could not provide them"
+    if online:
+        why += " (" + ("; ".join(failures[:2]) or "the repo has none of " + ", ".join(WEIGHT_CANDIDATES)) + ")"
     raise CheckpointError(
-        f"{repo_id}: weights not found in the Hugging Face {where}, and {why} ({detail}). "
-        "Download them where the Hub is reachable (e.g. `hf download " + repo_id + "`), or pass a local folder."
+        f"{repo_id}: weights not found in the Hugging Face {where}, and {why}. Download them where the "
+        f"Hub is reachable (`hf download {repo_id} --local-dir DIR`) and pass --model DIR (a local folder), or "
+        "copy a populated cache here; set HF_HUB_OFFLINE=1 to skip the Hub at once."
     )
 
 
@@ -427,6 +541,7 @@ def save_pretrained(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_weights(out)
     target = parse_dtype(dtype)
     sd = {k: (v.to(target) if target else v).detach().contiguous().cpu() for k, v in state_dict.items()}
     stored = sd["embeddings.patch_embedding.weight"].dtype
@@ -439,6 +554,37 @@ def save_pretrained(
     return out
 
 
+def _remove_stale_weights(folder: Path) -> None:
+    """Remove weight files that `resolve` would prefer to (or load beside) a new model.safetensors.
+
+    A shard index left from an earlier checkpoint wins over model.safetensors when the folder is loaded, so
+    writing over a folder must take it (and the shards it lists) away.
+    """
+    for name in WEIGHT_CANDIDATES:
+        path = folder / name
+        if name == WEIGHTS_NAME or not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                shards = set()
+            for shard in shards:
+                if _inside(shard) and (folder / shard).is_file():
+                    (folder / shard).unlink()
+        path.unlink()
+
+
+def check_target(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse to write a checkpoint into a non-empty folder unless `overwrite` (and never into a file)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: the folder exists and is not empty; pass --overwrite (overwrite=True) "
+                              "to replace the checkpoint in it, or choose another folder")
+
+
 def convert(
     name_or_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -446,8 +592,13 @@ def convert(
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     config: InternVisionConfig | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Rewrite any supported checkpoint (chat, sharded, timm, transformers) in the official standalone layout."""
+    """Rewrite any supported checkpoint (chat, sharded, timm, transformers) in the official standalone layout.
+
+    A non-empty `out_dir` is refused unless `overwrite`; then stale weight files in it are removed.
+    """
+    check_target(out_dir, overwrite=overwrite)
     ckpt, config, sd = load_checkpoint(name_or_path, revision=revision, config=config)
     with torch.device("meta"):
         check_state_dict(InternVisionModel(config), sd, source=ckpt.source)
@@ -461,8 +612,13 @@ def init_checkpoint(
     preset: str = "300m",
     seed: int = 0,
     dtype: str | torch.dtype = "bf16",
+    overwrite: bool = False,
 ) -> Path:
-    """Write a randomly initialised checkpoint in the official layout (for offline trials and tests)."""
+    """Write a randomly initialised checkpoint in the official layout (for offline trials and tests).
+
+    A non-empty `out_dir` is refused unless `overwrite`.
+    """
+    check_target(out_dir, overwrite=overwrite)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = PRESETS[preset]

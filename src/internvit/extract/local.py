@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from internvit.extract.sources import expand_sources
-from internvit.extract.store import FeatureStore, feature_schema
+from internvit.extract.store import FeatureStore, feature_schema, output_lock
 from internvit.registry import DEFAULT_MODEL
+from internvit.weights import state_dict_fingerprint
 
 TILE_MODES = ("none", "dynamic")
 
@@ -87,7 +88,7 @@ class _Prepare:
             if is_video_name(path):
                 if data is not None:
                     return self._video_from_bytes(path, data)
-                frames, indices = load_frames(path, num_segments=self.frames)
+                frames, indices = load_frames(path, num_segments=self.frames, max_pixels=self.max_pixels)
                 pixels = torch.stack([tile_transform(f, size=self.tile_size) for f in frames])
                 return _Item(path, pixels, size=frames[0].size, frame_indices=indices)
             source = path if data is None else data
@@ -102,6 +103,8 @@ class _Prepare:
             if data is not None:  # open_image names bytes "<bytes>"; the row's path is the useful name
                 message = message.replace("<bytes>", path, 1)
             return _Item(path, error=message)
+        except ValueError as e:  # preprocessing refused the image (e.g. too elongated for the CLIP resize)
+            return _Item(path, error=f"{path}: {e}")
         except Exception as e:  # a decoder bug must not stop a million-image run
             return _Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
 
@@ -198,63 +201,107 @@ def extract_features(
     """
     from internvit.preprocess import DEFAULT_MAX_PIXELS
 
+    check_options(tiles=tiles, max_tiles=max_tiles, batch_size=batch_size, frames=frames)
+    start = time.perf_counter()
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; the local engine writes one Parquet file (the ray engine "
+                         "writes folders)")
+    paths = expand_sources(sources)
+    device = check_device(device)
+    with output_lock(out):
+        t_load = time.perf_counter()
+        vit, source, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
+        visual_tokens = visual_tokens or proj is not None
+        load_seconds = time.perf_counter() - t_load
+        ckpt = getattr(vit, "checkpoint", None)
+        processor = _processor_for(ckpt)
+        config = vit.config
+        layers = normalize_layers(layers, config.num_hidden_layers)
+        schema = _output_schema(
+            config, source=source, dtype=vit.dtype, processor=processor, layers=layers, patch_tokens=patch_tokens,
+            visual_tokens=visual_tokens, projector=projector,
+            projector_width=proj.config.llm_hidden_size if proj is not None else None,
+            tiles=tiles, max_tiles=max_tiles, frames=frames, exif_transpose=exif_transpose,
+            fingerprint=ckpt.fingerprint() if ckpt is not None else state_dict_fingerprint(vit.state_dict()),
+        )
+        store = FeatureStore(out, schema, flush_seconds=flush_seconds)
+        done = store.finished(include_errors=not retry_errors)
+        todo = [p for p in paths if p not in done]
+
+        prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
+                           DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+        loader = torch.utils.data.DataLoader(
+            _Inputs(todo, prepare), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+            worker_init_fn=_worker_init if num_workers else None, prefetch_factor=2 if num_workers else None,
+        )
+        encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
+                           visual_tokens=visual_tokens, projector=proj)
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="input", desc="extract", dynamic_ncols=True)
+        failed_now = 0
+        try:
+            for items in loader:
+                store.add(encoder(items))
+                failed_now += sum(item.error is not None for item in items)
+                if bar is not None:
+                    bar.update(len(items))
+                    bar.set_postfix(failed=failed_now)
+        finally:
+            if bar is not None:
+                bar.close()
+            store.consolidate()  # also on Ctrl-C: finished rows are kept, the rerun resumes
+
+        import pyarrow.parquet as pq
+
+        failed = 0
+        if store.out.is_file():
+            errors = pq.read_table(store.out, columns=["error"]).column("error")
+            failed = len(errors) - errors.null_count
+        return ExtractSummary(store.out, len(paths), len(paths) - len(todo), len(todo), failed,
+                              time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
+
+
+def check_options(*, tiles: str, max_tiles: int, batch_size: int, frames: int) -> None:
+    """Refuse option values that cannot work, before anything is loaded (shared by both engines)."""
+    from internvit.preprocess.tiling import MAX_TILES
+
     if tiles not in TILE_MODES:
         raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
-    start = time.perf_counter()
-    paths = expand_sources(sources)
+    if not 1 <= max_tiles <= MAX_TILES:
+        raise ValueError(f"--max-tiles must be from 1 to {MAX_TILES}, got {max_tiles}")
+    for name, value in (("--batch-size", batch_size), ("--frames", frames)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default CUDA when available), refused with a clear message if this machine lacks it."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    t_load = time.perf_counter()
-    vit, source, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
-    visual_tokens = visual_tokens or proj is not None
-    load_seconds = time.perf_counter() - t_load
-    processor = _processor_for(getattr(vit, "checkpoint", None))
-    config = vit.config
-    layers = normalize_layers(layers, config.num_hidden_layers)
-    schema = _output_schema(
-        config, source=source, dtype=vit.dtype, processor=processor, layers=layers, patch_tokens=patch_tokens,
-        visual_tokens=visual_tokens, projector=projector,
-        projector_width=proj.config.llm_hidden_size if proj is not None else None,
-        tiles=tiles, max_tiles=max_tiles, frames=frames,
-    )
-    store = FeatureStore(out, schema, flush_seconds=flush_seconds)
-    done = store.finished(include_errors=not retry_errors)
-    todo = [p for p in paths if p not in done]
-
-    prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
-                       DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
-    loader = torch.utils.data.DataLoader(
-        _Inputs(todo, prepare), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if num_workers else None, prefetch_factor=2 if num_workers else None,
-    )
-    encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
-                       visual_tokens=visual_tokens, projector=proj)
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="input", desc="extract", dynamic_ncols=True)
-    failed_now = 0
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        for items in loader:
-            store.add(encoder(items))
-            failed_now += sum(item.error is not None for item in items)
-            if bar is not None:
-                bar.update(len(items))
-                bar.set_postfix(failed=failed_now)
-    finally:
-        if bar is not None:
-            bar.close()
-        store.consolidate()  # also on Ctrl-C: finished rows are kept, the rerun resumes
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build}, "
+                             f"{torch.cuda.device_count()} GPUs visible); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {device}: unsupported device type; use cpu or cuda")
+    return device
 
-    import pyarrow.parquet as pq
 
-    failed = 0
-    if Path(out).is_file():
-        errors = pq.read_table(out, columns=["error"]).column("error")
-        failed = len(errors) - errors.null_count
-    return ExtractSummary(Path(out), len(paths), len(paths) - len(todo), len(todo), failed,
-                          time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
+def model_name(model: str | os.PathLike) -> str:
+    """The model as recorded in an output: a local path made absolute and canonical (`dir/` = `dir`), else as given."""
+    name = os.fspath(model)
+    return os.path.realpath(name) if os.path.exists(name) else name
 
 
 def _load_encoder(model, *, dtype, device, revision, projector) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
@@ -267,7 +314,7 @@ def _load_encoder(model, *, dtype, device, revision, projector) -> tuple[torch.n
     if isinstance(model, torch.nn.Module):
         vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
     else:
-        vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), str(model)
+        vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), model_name(model)
     vit.eval()
     proj = None
     if projector is not None:
@@ -288,14 +335,16 @@ def _processor_for(ckpt):
 
 def _output_schema(config, *, source: str, dtype: torch.dtype, processor, layers: tuple[int, ...],
                    patch_tokens: bool, visual_tokens: bool, projector: str | None, projector_width: int | None,
-                   tiles: str, max_tiles: int, frames: int):
+                   tiles: str, max_tiles: int, frames: int, exif_transpose: bool, fingerprint: str):
     """The output's columns and its `internvit` metadata (what a resumed run must agree with)."""
     vt_width = (projector_width or 4 * config.hidden_size) if visual_tokens else 0
     metadata = {
-        "model": source, "dtype": str(dtype).removeprefix("torch."), "layers": list(layers),
-        "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens), "projector": projector,
+        "model": source, "weights_fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
+        "layers": list(layers), "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens),
+        "projector": model_name(projector) if projector is not None else None,
         "tiles": tiles, "max_tiles": max_tiles if tiles == "dynamic" else None, "frames": frames,
-        "preprocess": processor.to_dict(), "hidden_size": config.hidden_size,
+        "preprocess": processor.to_dict(), "exif_transpose": bool(exif_transpose),
+        "hidden_size": config.hidden_size,
     }
     return feature_schema(config.hidden_size, layers=layers, patch_tokens=patch_tokens, visual_tokens=vt_width,
                           metadata=metadata)
@@ -325,6 +374,9 @@ class _Encoder:
         self.tiles += sum(int(it.pixels.shape[0]) for it in ok)
         for it, tokens in zip(ok, encoded):
             it.tokens = tokens
+            if not all(bool(torch.isfinite(t).all()) for t in tokens):  # broken weights or inputs: not a success
+                it.error = f"{it.path}: non-finite features (NaN or inf in the encoder output)"
+                it.pixels = None
         valid = np.array([it.pixels is not None for it in items], dtype=bool)
         columns: dict = {
             "path": [it.path for it in items],

@@ -27,6 +27,7 @@ Differs from the local engine:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -38,7 +39,6 @@ from pathlib import Path
 import torch
 
 from internvit.extract.local import (
-    TILE_MODES,
     ExtractSummary,
     _Encoder,
     _Item,
@@ -46,8 +46,11 @@ from internvit.extract.local import (
     _output_schema,
     _Prepare,
     _processor_for,
+    check_options,
+    model_name,
     normalize_layers,
 )
+from internvit.extract.store import output_lock
 from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
 from internvit.registry import DEFAULT_MODEL
 
@@ -208,19 +211,15 @@ class _Shards:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from internvit.extract.store import COMPATIBLE_KEYS, OutputMismatchError, read_metadata
+        from internvit.extract.store import check_compatible, read_metadata, unreadable_output
 
         wanted = read_metadata(schema)
         for path in self.files():
             try:
                 have = read_metadata(pq.read_schema(path, filesystem=self.fs))
             except (pa.ArrowInvalid, OSError) as e:
-                raise OutputMismatchError(f"{path}: exists but is not a readable Parquet file ({e})") from None
-            diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
-            if diff:
-                shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-                raise OutputMismatchError(f"{path} was written with other settings ({shown}); use the same options "
-                                          "to resume it, or choose another --out")
+                raise unreadable_output(path, e) from None
+            check_compatible(have, wanted, path=path)
 
     def _rows(self) -> list[tuple[str, list[str], list[str | None]]]:
         import pyarrow.parquet as pq
@@ -508,54 +507,57 @@ def extract_features_ray(
     """
     from internvit.preprocess import DEFAULT_MAX_PIXELS
 
-    if tiles not in TILE_MODES:
-        raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
+    check_options(tiles=tiles, max_tiles=max_tiles, batch_size=batch_size, frames=frames)
     if isinstance(model, torch.nn.Module):
         raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
-    start = time.perf_counter()
     out = os.fspath(out)
+    with contextlib.ExitStack() as stack:
+        if not _is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep
+            stack.enter_context(output_lock(out.rstrip("/\\") or out))
+        start = time.perf_counter()
 
-    ckpt, config, target = _inspect_model(model, dtype=dtype, revision=revision)
-    projector_width = None
-    if projector is not None:
-        from internvit.model.projector import load_projector
+        ckpt, config, target = _inspect_model(model, dtype=dtype, revision=revision)
+        projector_width = None
+        if projector is not None:
+            from internvit.model.projector import load_projector
 
-        projector_width = load_projector(projector, revision=None).config.llm_hidden_size
-        visual_tokens = True
-    processor = _processor_for(ckpt)
-    layers = normalize_layers(layers, config.num_hidden_layers)
-    schema = _output_schema(config, source=str(model), dtype=target, processor=processor, layers=layers,
-                            patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
-                            projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames)
+            projector_width = load_projector(projector, revision=None).config.llm_hidden_size
+            visual_tokens = True
+        processor = _processor_for(ckpt)
+        layers = normalize_layers(layers, config.num_hidden_layers)
+        schema = _output_schema(config, source=model_name(model), dtype=target, processor=processor, layers=layers,
+                                patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
+                                projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames,
+                                exif_transpose=exif_transpose, fingerprint=ckpt.fingerprint())
 
-    if rows_per_shard is None:
-        tiles_per_row = max(frames, max_tiles + 1 if tiles == "dynamic" else 1)
-        rows_per_shard = _rows_per_shard(config, tiles_per_row=tiles_per_row, pooled=1 + len(layers),
-                                         patch_tokens=patch_tokens,
-                                         visual_width=(projector_width or 4 * config.hidden_size) * visual_tokens)
-    shards = _Shards(out)
-    shards.check_compatible(schema)
-    shards.dedupe()  # a run killed between writing a retried row and removing the old one
-    done = shards.finished(include_errors=not retry_errors)
-    inputs = _list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
-    todo = [p for p in inputs.paths if p not in done]
-    by_bytes = {p for rows in inputs.tables.values() for p in rows}
-    summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0)
-    if todo:
-        prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
-                           DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
-        by_path = [p for p in todo if p not in by_bytes]
-        tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
-        run = dict(model=os.fspath(model), dtype=dtype, device=device, revision=revision, projector=projector,
-                   layers=layers, batch_size=batch_size, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
-        _run(by_path, tables, frozenset(done), prepare=prepare, run=run, schema=schema, out=out, summary=summary,
-             address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-             rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
-             stall_timeout=stall_timeout, progress=progress)
-        shards.dedupe()
-    summary.failed = shards.failed()
-    summary.seconds = time.perf_counter() - start
-    return summary
+        if rows_per_shard is None:
+            tiles_per_row = max(frames, max_tiles + 1 if tiles == "dynamic" else 1)
+            rows_per_shard = _rows_per_shard(config, tiles_per_row=tiles_per_row, pooled=1 + len(layers),
+                                             patch_tokens=patch_tokens,
+                                             visual_width=(projector_width or 4 * config.hidden_size) * visual_tokens)
+        shards = _Shards(out)
+        shards.check_compatible(schema)
+        shards.dedupe()  # a run killed between writing a retried row and removing the old one
+        done = shards.finished(include_errors=not retry_errors)
+        inputs = _list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
+        todo = [p for p in inputs.paths if p not in done]
+        by_bytes = {p for rows in inputs.tables.values() for p in rows}
+        summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0)
+        if todo:
+            prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
+                               DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+            by_path = [p for p in todo if p not in by_bytes]
+            tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
+            run = dict(model=os.fspath(model), dtype=dtype, device=device, revision=revision, projector=projector,
+                       layers=layers, batch_size=batch_size, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
+            _run(by_path, tables, frozenset(done), prepare=prepare, run=run, schema=schema, out=out, summary=summary,
+                 address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                 rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
+                 stall_timeout=stall_timeout, progress=progress)
+            shards.dedupe()
+        summary.failed = shards.failed()
+        summary.seconds = time.perf_counter() - start
+        return summary
 
 
 def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, num_actors, gpus_per_actor,

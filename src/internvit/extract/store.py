@@ -10,10 +10,14 @@ rename and the clean-up), the newest row wins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,12 +27,83 @@ from internvit._fileio import atomic_write
 
 METADATA_KEY = b"internvit"
 # Settings that must agree between a file and a run that appends to it.
-COMPATIBLE_KEYS = ("model", "dtype", "layers", "patch_tokens", "visual_tokens", "projector", "tiles", "max_tiles",
-                   "frames", "preprocess", "hidden_size")
+# Everything that determines a row's features: the weights (by content, see `weights.files_fingerprint`), the model
+# path, the preprocessing (EXIF orientation included) and what is stored.
+COMPATIBLE_KEYS = ("model", "weights_fingerprint", "dtype", "layers", "patch_tokens", "visual_tokens", "projector",
+                   "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
 
 
 class OutputMismatchError(ValueError):
     """The existing output was written with other settings; resuming would mix incompatible rows."""
+
+
+class OutputLockedError(ValueError):
+    """Another run is writing the same output."""
+
+
+def check_compatible(have: dict, wanted: dict, *, path: object) -> None:
+    """Refuse to add rows made with `wanted` settings to a file written with `have`, naming each differing field."""
+    diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+        raise OutputMismatchError(f"{path} was written with other settings ({shown}); resuming would mix their "
+                                  "features: use the same model and options, or choose another --out")
+
+
+def unreadable_output(path: object, error: Exception) -> OutputMismatchError:
+    return OutputMismatchError(
+        f"{path}: exists but is not a readable Parquet file ({error}). internvit writes every file whole, so it "
+        "was damaged or written by something else: move it away (its inputs are then extracted again), or "
+        "choose another --out"
+    )
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold `OUT.lock` (an exclusive `flock`) while a run writes `out`; another run refuses at once.
+
+    The kernel releases the lock when the process ends, however it ends (`kill -9` included), so a stale file
+    never blocks a later run. Raises `OutputLockedError` naming the holder (pid, host, start, command).
+    """
+    import fcntl
+
+    out = Path(out)
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(f"{out} is being written by another run ({holder}); wait for it to end or "
+                                    "choose another --out") from None
+        # The holder before us may have removed the file between our open and our lock: lock the current one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}: {command}\n".encode())
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def read_errors(out: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, error) of every error row of an output (a Parquet file or a folder of shards), in file order."""
+    table = pq.read_table(out, columns=["path", "error"])
+    table = table.filter(table.column("error").is_valid())
+    return list(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
 
 
 def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: bool = False,
@@ -101,19 +176,15 @@ class FeatureStore:
         return ([self.out] if self.out.is_file() else []) + self._part_files()
 
     def _check_compatible(self) -> None:
+        if self.out.is_dir():
+            raise OutputMismatchError(f"{self.out} is a folder; --out names the Parquet file to write")
         wanted = read_metadata(self.schema)
         for path in self._existing_files():
             try:
-                have = read_metadata(pq.read_schema(path))
+                have = read_metadata(pq.read_schema(path))  # the footer: a cut file fails here
             except (pa.ArrowInvalid, OSError) as e:
-                raise OutputMismatchError(f"{path}: exists but is not a readable Parquet file ({e})") from None
-            diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
-            if diff:
-                shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-                raise OutputMismatchError(
-                    f"{path} was written with other settings ({shown}); use the same options to resume it, "
-                    "or choose another --out"
-                )
+                raise unreadable_output(path, e) from None
+            check_compatible(have, wanted, path=path)
 
     def finished(self, *, include_errors: bool = True) -> set[str]:
         """Paths that already have a row (by default also those whose row is an error)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 from collections.abc import Iterator
 
@@ -142,19 +143,40 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def special_file_kind(mode: int) -> str | None:
+    """"a FIFO", "a socket", ... for an `st_mode` that is neither a regular file nor a folder, else None."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+
+
 @contextlib.contextmanager
 def _open_file(name: str) -> Iterator[io.BufferedReader]:
-    """Open `name` for reading, turning the usual OS errors (and an empty file) into ImageLoadError."""
+    """Open `name` for reading, turning the usual OS errors (and an empty file) into ImageLoadError.
+
+    Only regular files are read: the file is opened non-blocking (opening a FIFO would otherwise wait for a
+    writer) and anything but a regular file is refused before a byte is read.
+    """
     try:
-        fp = open(name, "rb")  # noqa: SIM115 - closed by the with below
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"{name}: is a directory, not a file") from None
     except PermissionError:
         raise ImageLoadError(f"{name}: permission denied") from None
     except OSError as e:
         raise ImageLoadError(f"{name}: cannot open ({e.strerror or e})") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ImageLoadError(f"{name}: is a directory, not a file")
+        raise ImageLoadError(f"{name}: {special_file_kind(mode)}, not a regular file (not read)")
+    os.set_blocking(fd, True)
+    fp = os.fdopen(fd, "rb")
     with fp:
         if os.fstat(fp.fileno()).st_size == 0:
             raise ImageLoadError(f"{name}: empty file (0 bytes)")

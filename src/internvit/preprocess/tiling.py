@@ -21,6 +21,9 @@ from functools import lru_cache
 from PIL import Image
 
 TILE_SIZE = 448
+# InternVL uses up to 12 tiles (40 at most in its evaluations). The grid search is cubic in the budget and an
+# image resized to its grid costs max_tiles * 448^2 pixels, so larger budgets are refused rather than run.
+MAX_TILES = 128
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     """
     if min_tiles < 1 or max_tiles < 1:
         raise ValueError(f"need min_tiles >= 1 and max_tiles >= 1, got {min_tiles} and {max_tiles}")
+    if max_tiles > MAX_TILES:
+        raise ValueError(f"max_tiles={max_tiles} is above the supported {MAX_TILES} (InternVL 2.5 uses 12)")
     # min_tiles > max_tiles (a shared multi-image budget below min_tiles) leaves no candidate, and the image
     # becomes a single tile, as in InternVL.
     ratios = set(

@@ -21,7 +21,8 @@ Differs from transformers' `CLIPImageProcessorPil`:
     - Columns that the crop removes are dropped between Pillow's horizontal and vertical resize passes (same
       pixels, far less work for wide images). Rows cannot be: cropping first with `Image.resize(box=...)`
       changes pixels (by up to 27 levels in our tests; Pillow passes box coordinates as float32 and the
-      filter weights move), so a tall 1x3000 image still makes a 1344000x448 intermediate, as in transformers.
+      filter weights move), so a tall image still makes a tall intermediate, as in transformers; one over
+      `MAX_RESIZE_PIXELS` (taller than about 1:330) is refused instead of allocated.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 _PIL_FILTERS = (0, 1, 2, 3, 4, 5)  # nearest, lanczos, bilinear, bicubic, box, hamming
+# The largest image one resize pass may make (200 MB of RGB). Only extreme aspect ratios reach it (> 1:330 for
+# tall images, > 1:150,000 for wide ones); without it one 320-byte PNG of 1x60000 asks for 36 G pixels.
+MAX_RESIZE_PIXELS = 1 << 26
 
 
 def to_tensor_normalized(
@@ -214,11 +218,25 @@ class ImageProcessor:
             f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
-        """The geometric part: shortest edge to `size`, then the `crop_size` center crop (uint8 RGB in and out)."""
+        """The geometric part: shortest edge to `size`, then the `crop_size` center crop (uint8 RGB in and out).
+
+        Raises:
+            ValueError: the resize would need an intermediate image over `MAX_RESIZE_PIXELS` (an extreme aspect
+                ratio: a 1x20000 strip becomes 448 x 8,960,000); checked before anything is allocated.
+        """
         if self.do_resize:
             width, height = image.size
             out_h, out_w = _shortest_edge_size(height, width, self.size)
-            if self.do_center_crop and out_w > self.crop_size and self.resample != Image.Resampling.NEAREST:
+            wide = self.do_center_crop and out_w > self.crop_size and self.resample != Image.Resampling.NEAREST
+            # Pillow resizes horizontally, then vertically: the intermediates below are what each pass makes.
+            largest = out_w * height if wide else out_w * max(height, out_h)
+            if largest > MAX_RESIZE_PIXELS:
+                raise ValueError(
+                    f"{width}x{height} is too elongated for the CLIP resize (shortest side to {self.size}): it "
+                    f"would make a {out_w}x{out_h} image ({largest / 1e6:,.0f} M pixels in one pass, limit "
+                    f"{MAX_RESIZE_PIXELS / 1e6:,.0f} M); dynamic tiles (--tiles dynamic) handle such images"
+                )
+            if wide:
                 # Pillow's convolution resize is two passes, horizontal then vertical, each rounded to uint8
                 # (libImaging/Resample.c, ImagingResampleInner). Running them as two calls and dropping the
                 # columns the crop removes in between gives the same pixels, and spares the vertical pass over

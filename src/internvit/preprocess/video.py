@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image import ImageLoadError, is_image_name, open_image, to_rgb
+from .image import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image, special_file_kind, to_rgb
 
 VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .flv .wmv .3gp".split())
 
@@ -57,28 +57,42 @@ def is_video_name(path: str | os.PathLike) -> bool:
 
 
 def load_frames(source: str | os.PathLike, *, num_segments: int = 8, bound: tuple[float, float] | None = None,
-                fps: float | None = None) -> tuple[list[Image.Image], list[int]]:
+                fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                ) -> tuple[list[Image.Image], list[int]]:
     """Sample `num_segments` RGB frames from a video file, an animated GIF/WebP/APNG or a folder of frames.
+
+    `max_pixels` bounds a frame's width * height, checked from the stream's header before anything is decoded.
 
     Returns:
         The frames and their indices in the source.
 
     Raises:
-        VideoLoadError: the source is missing, empty, broken, has no video stream or no frames.
+        VideoLoadError: the source is missing, empty, not a regular file, broken, too large, has no video stream
+            or no frames.
     """
     path = Path(source)
     if path.is_dir():
-        return _folder_frames(path, num_segments, bound, fps)
+        return _folder_frames(path, num_segments, bound, fps, max_pixels)
     if not path.exists():
         raise VideoLoadError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    kind = special_file_kind(st.st_mode)
+    if kind is not None:  # a FIFO would block the decoder forever
+        raise VideoLoadError(f"{path}: {kind}, not a regular file (not read)")
+    if st.st_size == 0:
         raise VideoLoadError(f"{path}: empty file (0 bytes)")
     if path.suffix.lower() in (".gif", ".webp", ".png", ".apng"):
-        return _animated_frames(path, num_segments, bound, fps)
-    return _video_frames(path, num_segments, bound)
+        return _animated_frames(path, num_segments, bound, fps, max_pixels)
+    return _video_frames(path, num_segments, bound, max_pixels)
 
 
-def _video_frames(path: Path, num_segments: int, bound) -> tuple[list[Image.Image], list[int]]:
+def _check_frame_size(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoLoadError(f"{path}: frames of {width}x{height} = {width * height} pixels exceed "
+                             f"max_pixels={max_pixels}")
+
+
+def _video_frames(path: Path, num_segments: int, bound, max_pixels) -> tuple[list[Image.Image], list[int]]:
     try:
         import av
     except ImportError:
@@ -88,6 +102,7 @@ def _video_frames(path: Path, num_segments: int, bound) -> tuple[list[Image.Imag
             if not container.streams.video:
                 raise VideoLoadError(f"{path}: no video stream")
             stream = container.streams.video[0]
+            _check_frame_size(path, stream.codec_context.width, stream.codec_context.height, max_pixels)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
             num_frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
             if num_frames == 0:
@@ -113,9 +128,10 @@ def _video_frames(path: Path, num_segments: int, bound) -> tuple[list[Image.Imag
     return [frames.get(i, tail) for i in wanted], wanted
 
 
-def _animated_frames(path: Path, num_segments, bound, fps) -> tuple[list[Image.Image], list[int]]:
+def _animated_frames(path: Path, num_segments, bound, fps, max_pixels) -> tuple[list[Image.Image], list[int]]:
     try:
         with Image.open(path) as im:
+            _check_frame_size(path, *im.size, max_pixels)
             n = getattr(im, "n_frames", 1)
             if fps is None:
                 durations = []
@@ -133,11 +149,11 @@ def _animated_frames(path: Path, num_segments, bound, fps) -> tuple[list[Image.I
     return frames, wanted
 
 
-def _folder_frames(path: Path, num_segments, bound, fps) -> tuple[list[Image.Image], list[int]]:
+def _folder_frames(path: Path, num_segments, bound, fps, max_pixels) -> tuple[list[Image.Image], list[int]]:
     files = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p.name))
     if not files:
         raise VideoLoadError(f"{path}: a folder of frames with no image files")
     if bound is not None and fps is None:
         raise ValueError(f"{path}: a folder of frames has no frame rate; pass fps= together with bound=")
     wanted = frame_indices(len(files), fps or 1.0, num_segments=num_segments, bound=bound)
-    return [open_image(files[i], exif_transpose=False) for i in wanted], wanted
+    return [open_image(files[i], exif_transpose=False, max_pixels=max_pixels) for i in wanted], wanted
