@@ -161,6 +161,16 @@ def test_lock_of_a_killed_run_does_not_block(ckpt, photos, tmp_path):
     assert len(rows(out)) == 4
 
 
+def test_ray_engine_locks_its_shard_folder(ckpt, photos, tmp_path):
+    pytest.importorskip("ray")
+    from internvit.extract.ray import extract_features_ray
+    from internvit.extract.store import OutputLockedError, output_lock
+
+    with output_lock(tmp_path / "shards"):  # refused before Ray starts
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            extract_features_ray([photos], str(tmp_path / "shards") + "/", model=str(ckpt))
+
+
 # ---- 3. sources that cannot hang ------------------------------------------------------------------------
 
 
