@@ -147,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=_positive, default=8192)
     p.add_argument("--max-tiles", type=_positive, default=12)
 
+    p = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI-compatible /v1/embeddings, /v1/features)",
+                       description="An HTTP service on FastAPI + uvicorn (pip install 'internvit[serve]'): "
+                       "POST /v1/embeddings (OpenAI-compatible), POST /v1/features, GET /health, /ready, /metrics. "
+                       "Concurrent requests share the encoder's forwards; a full queue answers 503 at once.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or file (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit of --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
+    p.add_argument("--port", type=_non_negative, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
+                   help="preprocessing, as `internvit extract --tiles` (default: none)")
+    p.add_argument("--max-tiles", type=_tile_budget, default=12, help="tile budget with --tiles dynamic (default: 12)")
+    p.add_argument("--max-batch-tiles", type=_positive, default=16,
+                   help="most tiles per forward, across requests (default: 16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a forward waits for more requests' tiles after the first (default: 10)")
+    p.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests in the server at once; more get 503 with Retry-After (default: 64)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body; larger get 413 (default: 64)")
+    p.add_argument("--max-pixels", type=_positive, help="refuse larger images with 400 (default: 100,000,000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ endpoints")
+    p.add_argument("--decode-threads", type=_positive, default=2, help="threads decoding and tiling images (default: 2)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process (default); ray: a Ray Serve deployment, one model per replica")
+    p.add_argument("--replicas", type=_positive, default=1, help="with --engine ray: replicas (default: 1)")
+    p.add_argument("--address", help="with --engine ray: the Ray cluster; default a local instance on loopback")
+
     p = sub.add_parser("errors", help="list the failed inputs of an extract output, with their reasons",
                        description="Print `path<TAB>reason` for every error row of an output written by "
                        "`internvit extract` (a Parquet file, or a folder of shards from --engine ray).")
@@ -246,6 +274,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         _show_failures(s.out, s.failed)
         return 0 if s.ok else 1
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "errors":
         from internvit.extract.store import read_errors
 
@@ -270,6 +300,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote the official layout to {out}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from internvit.serve import ServeOptions, serve, serve_ray
+    except ImportError as e:
+        raise ValueError(f"serving needs the serve extra: pip install 'internvit[serve]' ({e})") from None
+    options = ServeOptions(model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                           tiles=args.tiles, max_tiles=args.max_tiles, max_batch_tiles=args.max_batch_tiles,
+                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+                           max_pixels=args.max_pixels, api_key=args.api_key, decode_threads=args.decode_threads)
+    if args.engine == "ray":
+        serve_ray(options, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
+    else:
+        serve(options, host=args.host, port=args.port)
+    return 0
 
 
 def _show_failures(out, failed: int) -> None:
