@@ -17,7 +17,8 @@ forward (`encode_tiles` splits it in micro-batches). Admission is bounded: at mo
 server at once; the next gets 503 with `Retry-After` at once, never an unbounded wait.
 
 Differs from OpenAI: `input` holds images (data URLs or bare base64), never text, paths or URLs (the server reads
-no files and fetches nothing: no path traversal, no SSRF); `usage` counts the encoder's tokens (1025 per tile).
+no files and fetches nothing: no path traversal, no SSRF); `usage` counts the encoder's tokens (1025 per
+448-px tile).
 """
 
 import asyncio
@@ -377,7 +378,8 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
             raise _HTTPError(400, "the body must be a JSON object")
         return payload
 
-    async def compute(payload: dict, want: FeatureRequest) -> list[dict]:
+    async def compute(payload: dict, want: FeatureRequest) -> tuple[list[dict], int]:
+        """The rows of a request's images, and the tokens the encoder saw for them."""
         eng: Engine = state["engine"]
         inputs = payload.get("input")
         if isinstance(inputs, str):
@@ -409,7 +411,9 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
         for i, row in enumerate(rows):
             if row["error"] is not None:  # e.g. non-finite features
                 raise _HTTPError(500, f"input[{i}]: {row['error'].split(': ', 1)[-1]}", "encoder_error")
-        return rows
+        patch = eng.vit.config.patch_size
+        tokens = sum(t * (1 + (h // patch) * (w // patch)) for t, _, h, w in (it.pixels.shape for it in items))
+        return rows, tokens
 
     @app.exception_handler(_HTTPError)
     async def http_error(request: Request, e: _HTTPError):
@@ -422,13 +426,12 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
         fmt = payload.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise _HTTPError(400, f"encoding_format must be float or base64, got {fmt!r}", param="encoding_format")
-        rows = await compute(payload, FeatureRequest())
+        rows, tokens = await compute(payload, FeatureRequest())
         data = []
         for i, row in enumerate(rows):
             vec = np.asarray(row["cls"], dtype=np.float32)
             emb = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" else vec.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        tokens = sum(row["num_tiles"] for row in rows) * state["engine"].vit.config.num_positions
         state["engine"].metrics.latency.labels("embeddings").observe(time.perf_counter() - start)
         return {"object": "list", "data": data, "model": payload.get("model") or state["engine"].source,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -446,7 +449,7 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
         fmt = payload.get("format", "json")
         if fmt not in ("json", "arrow"):
             raise _HTTPError(400, f"format must be json or arrow, got {fmt!r}", param="format")
-        rows = await compute(payload, want)
+        rows, _ = await compute(payload, want)
         for i, row in enumerate(rows):
             row["index"] = i
             row.pop("path"), row.pop("error"), row.pop("frame_indices")
