@@ -202,6 +202,47 @@ def test_resume_continues_with_the_same_losses(parts, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+class _Planted:
+    """A pickle that runs a command when loaded (what a hostile run folder could hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_pickle_that_would_run_code(parts, tmp_path):
+    """last/ is read with weights_only=True: a planted optimizer.pt (or an old-layout state.pt) is refused with an
+    error naming the file, and its command never runs. The non-tensor state is plain JSON."""
+    import pickle
+
+    cfg = STAGES["1"](max_steps=1, lr=0.01, save_every=1, pack=False, data_threads=0)
+    model, tok = fresh(parts)
+    train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run", progress=False)
+    last = tmp_path / "run" / "last"
+    assert sorted(p.name for p in last.iterdir()) == ["optimizer.pt", "state.json", "trainable.safetensors"]
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 1 and len(state["data"][0]["rng"]) == len(torch.get_rng_state())
+    marker = tmp_path / "pwned"
+    for name in ("optimizer.pt", "state.pt"):
+        if name == "state.pt":
+            (last / "state.json").unlink()  # the earlier layout: one torch file
+        with open(last / name, "wb") as f:
+            pickle.dump({"optimizer": _Planted(marker)}, f, protocol=2)
+        model, tok = fresh(parts)
+        with pytest.raises(ValueError, match=rf"{name}: refusing to resume from it") as err:
+            train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg.replace(max_steps=2),
+                  tmp_path / "run", progress=False)
+        assert str(last / name) in str(err.value)
+        assert not marker.exists()
+    with open(marker.with_suffix(".check"), "wb") as f:  # the planted object does run when unpickled unsafely
+        pickle.dump(_Planted(marker), f)
+    with open(marker.with_suffix(".check"), "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
 def test_exported_vit_and_chat_checkpoint_round_trip(parts, tmp_path):
     model, tok = fresh(parts)
     train(model, tok, dataset(parts, model, tok), STAGES["1.5"](max_steps=1, lr=0.01), tmp_path / "run",

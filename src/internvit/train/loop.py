@@ -1,9 +1,11 @@
 """The training loop: one process, or many under `torchrun` (DDP; gloo on CPU, NCCL on GPU).
 
 What a run folder holds: `train_config.json` (the resolved options), `log.jsonl` (step, loss, lr, tokens/s),
-`last/` (trainable weights, optimizer, scheduler, step, RNG: a killed run resumes from here at the same step and
-data position), and at the end `final/` (the InternVL chat checkpoint with its tokenizer) and `vision/` (the ViT
-alone, official InternViT layout).
+`last/` (a killed run resumes from here at the same step and data position), and at the end `final/` (the InternVL
+chat checkpoint with its tokenizer) and `vision/` (the ViT alone, official InternViT layout). `last/` holds
+`trainable.safetensors` (the trainable weights), `optimizer.pt` (the optimizer's tensors and settings, read back with
+`torch.load(weights_only=True)`: a run folder from elsewhere cannot run code on resume) and `state.json` (step,
+scheduler, each rank's data position and RNG state).
 
 The data order is a seeded permutation per epoch, split across ranks (rank::world_size); each rank's position in
 it (and its pending pack buffers) is saved with `last/`. Samples that cannot be used are skipped and listed in
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import nullcontext
@@ -147,7 +150,7 @@ def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
+    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state().tolist())]  # JSON: plain lists
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, data_states[0])
@@ -162,13 +165,43 @@ def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "step": step, "data": data_states},
-               tmp / "state.pt")
+    torch.save(optim, tmp / "optimizer.pt")  # tensors, numbers, strings: loadable with weights_only=True
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": sched.state_dict(), "data": data_states}))
     old = run / ".last.old"
     if (run / "last").exists():
         os.replace(run / "last", old)
     os.replace(tmp, run / "last")  # the switch is one rename: a kill leaves either the old or the new state
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_last(last: Path) -> dict | None:
+    """`last/`'s state for a resume (None when there is none): `state.json` plus the optimizer from `optimizer.pt`.
+
+    The optimizer file is unpickled with `weights_only=True` (tensors and plain data only), so a run folder copied
+    from elsewhere cannot run code here; a file that holds anything else is refused, naming it. A `last/` written
+    before this layout (one `state.pt`) loads the same way."""
+    if (last / "state.json").exists():
+        files = (last / "optimizer.pt",)
+    elif (last / "state.pt").exists():  # the earlier layout: everything in one torch file
+        files = (last / "state.pt",)
+    else:
+        return None
+    try:
+        loaded = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), "")
+        raise ValueError(f"{files[0]}: refusing to resume from it: it holds objects other than tensors and plain "
+                         f"data, which could run code when loaded{f' ({why})' if why else ''}; resume only from run "
+                         "folders this program wrote, or delete last/ to start over") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{files[0]}: cannot read the resume state ({e})") from None
+    if files[0].name == "state.pt":
+        return loaded
+    try:
+        state = json.loads((last / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{last / 'state.json'}: cannot read the resume state ({e})") from None
+    return dict(state, optimizer=loaded)
 
 
 def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_dir: str | os.PathLike, *,
@@ -210,11 +243,10 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
                            packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip,
                            threads=cfg.data_threads)
-    state = None
-    if (run / "last" / "state.pt").exists():  # resume: the weights go in before any sharding
+    state = _load_last(run / "last")
+    if state is not None:  # resume: the weights go in before any sharding
         from safetensors.torch import load_file
 
-        state = torch.load(run / "last" / "state.pt", weights_only=False)
         if len(state["data"]) != world:
             raise ValueError(f"{run} was saved by {len(state['data'])} processes; resume it with as many")
         trained = load_file(str(run / "last" / "trainable.safetensors"))
@@ -241,7 +273,7 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         batches.load_state_dict(state["data"][rank])
-        torch.set_rng_state(state["data"][rank]["rng"])
+        torch.set_rng_state(torch.as_tensor(state["data"][rank]["rng"], dtype=torch.uint8))
     net = model
     if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
