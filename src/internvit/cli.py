@@ -238,7 +238,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = STAGES[args.stage](**overrides)
     torch.manual_seed(cfg.seed)  # a fresh mlp1 is random: the same seed, the same run
     model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
-                                   trust_remote_code=args.trust_remote_code)
+                                   trust_remote_code=args.trust_remote_code,
+                                   shrink_embeddings=cfg.shrink_embeddings)
     max_seq_length = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.pack else cfg.max_seq_length
     dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
                                   num_image_token=model.num_image_token, max_seq_length=max_seq_length,

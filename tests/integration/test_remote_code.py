@@ -260,9 +260,12 @@ def test_build_model_runs_the_llm_folder_code_and_grows_its_embeddings(parts):
     new = len(tok)
     assert new > old and llm.config.vocab_size == new
     assert model.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>") >= old
-    for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):  # new rows: the mean of the old ones
-        assert emb.weight.shape[0] == new
-        torch.testing.assert_close(emb.weight[old:], emb.weight[:old].mean(0, keepdim=True).expand(new - old, -1))
+    # InternVL's resize (internvl_chat_pretrain.py lines 1010-1014): the new output rows are the mean of the old
+    # ones; the new input rows of this untied LLM keep transformers' fresh init (its _init_weights)
+    inp, out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert inp.shape[0] == out.shape[0] == new
+    torch.testing.assert_close(out[old:], out[:old].mean(0, keepdim=True).expand(new - old, -1))
+    assert not torch.allclose(inp[old:], inp[:old].mean(0, keepdim=True).expand(new - old, -1), atol=1e-3)
 
 
 def test_build_model_without_trust_remote_code_is_refused(parts):

@@ -347,10 +347,12 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 
 
 def build_model(*, llm: str | None = None, vision: str | None = None, init: str | None = None,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, shrink_embeddings: bool = True):
     """(model, tokenizer): from an InternVL chat checkpoint (`init`), or from a Hugging Face causal LM plus an
-    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens). `trust_remote_code`
-    lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or from `init`."""
+    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens and the LLM's embeddings
+    are sized to it as InternVL does, see `add_special_tokens`; `shrink_embeddings=False` keeps extra rows).
+    `trust_remote_code` lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or
+    from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from internvit.model.chat import _dtype_kwarg, add_special_tokens
@@ -370,7 +372,8 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
             hf_logging.set_verbosity(verbosity)
         # the tokenizer is the authority on <IMG_CONTEXT> (InternVL's code asks it too); a tokenizer without
         # InternVL's tokens gains them here, and the LLM's embeddings grow with it
-        model.img_context_token_id = add_special_tokens(tokenizer, model.language_model)
+        model.img_context_token_id = add_special_tokens(tokenizer, model.language_model,
+                                                        shrink_embeddings=shrink_embeddings)
         return model, tokenizer
     if llm is None:
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
@@ -379,7 +382,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
     language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
                                                           **_dtype_kwarg(torch.float32))  # fp32 master weights
-    ctx = add_special_tokens(tokenizer, language_model)
+    ctx = add_special_tokens(tokenizer, language_model, shrink_embeddings=shrink_embeddings)
     vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
     projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
                                 llm_hidden_size=language_model.config.hidden_size)

@@ -52,6 +52,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the LLM and ViT layers (FSDP) instead of replicating (DDP)
     data_threads: int = 2  # samples loaded (decoded, tiled, tokenized) at once, ahead of the step
     seed: int = 0
+    shrink_embeddings: bool = True  # LLM embeddings resized to len(tokenizer) when tokens are added (InternVL)
     save_every: int = 100
     log_every: int = 1
 
