@@ -114,3 +114,87 @@ def test_shrink_embeddings_false_keeps_a_padded_vocabulary(texts):
     assert torch.equal(inp, before_in)
     assert torch.equal(out[:n], before_out[:n]) and torch.equal(out[n + 9:], before_out[n + 9:])
     torch.testing.assert_close(out[n:n + 9], before_out[:n].mean(0, keepdim=True).expand(9, -1), rtol=0, atol=0)
+
+
+# ---- 6: chat() keeps the BOS of an InternLM-style tokenizer --------------------------------------------------
+
+
+def official_chat_inputs(tokenizer, question: str, num_patches_list: list[int], num_image_token: int,
+                         system_message: str) -> dict:
+    """What InternVL's `chat()` feeds its LLM: `internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py`
+    lines 347-377 (the `<image>` prefix, the template, the image tokens, then `tokenizer(query)` with the tokenizer's
+    own special tokens), with the `internvl2_5` template's MPT prompt of `internvl_chat/internvl/conversation.py`
+    lines 238-247 and 393-402."""
+    if num_patches_list and "<image>" not in question:
+        question = "<image>\n" + question
+    system_template, roles, sep = "<|im_start|>system\n{system_message}", ("<|im_start|>user\n",
+                                                                          "<|im_start|>assistant\n"), "<|im_end|>\n"
+    messages = [(roles[0], question), (roles[1], None)]
+    ret = system_template.format(system_message=system_message) + sep
+    for role, message in messages:
+        ret += role + message + sep if message else role
+    query = ret
+    for num_patches in num_patches_list:
+        image_tokens = "<img>" + "<IMG_CONTEXT>" * num_image_token * num_patches + "</img>"
+        query = query.replace("<image>", image_tokens, 1)
+    return tokenizer(query, return_tensors="pt")
+
+
+def official_batch_chat_inputs(tokenizer, questions: list[str], num_patches_list: list[int], num_image_token: int,
+                               system_message: str) -> dict:
+    """`modeling_internvl_chat.py` lines 311-327 (`batch_chat`): the same queries, left padding, special tokens on."""
+    queries = []
+    for question, num_patches in zip(questions, num_patches_list):
+        if "<image>" not in question:
+            question = "<image>\n" + question
+        query = (f"<|im_start|>system\n{system_message}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+        queries.append(query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * num_image_token * num_patches + "</img>",
+                                     1))
+    tokenizer.padding_side = "left"
+    return tokenizer(queries, return_tensors="pt", padding=True)
+
+
+def test_chat_keeps_the_bos_of_an_internlm_style_tokenizer(texts, monkeypatch):
+    import internvit
+    from internvit.model.chat import DEFAULT_SYSTEM, InternVLChatModel, add_special_tokens
+    from internvit.model.projector import ProjectorConfig
+    from PIL import Image
+
+    llm, tok = tiny_llm(texts)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.add_bos_token = True  # InternLM2's tokenizer: BOS before every encoded text
+    assert tok("hi").input_ids[0] == tok.bos_token_id
+    ctx = add_special_tokens(tok, llm)
+    vit = internvit.InternVisionModel(internvit.PRESETS["tiny"])
+    model = InternVLChatModel(vit, llm, ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
+                                                        llm_hidden_size=llm.config.hidden_size),
+                              img_context_token_id=ctx).eval()
+    seen = []
+
+    def spy(*, inputs_embeds, attention_mask, **kwargs):  # the LLM's generate: record what it is given
+        seen.append((inputs_embeds, attention_mask))
+        return torch.tensor([[tok.convert_tokens_to_ids("<|im_end|>")]] * inputs_embeds.shape[0])
+
+    monkeypatch.setattr(llm, "generate", spy)
+    embed = llm.get_input_embeddings()
+    n_img = model.num_image_token
+    image = Image.new("RGB", (56, 56), (200, 30, 30))  # one tile
+
+    def check(embeds, mask, expected):
+        ids = expected["input_ids"]
+        assert embeds.shape[:2] == ids.shape and torch.equal(mask, expected["attention_mask"])
+        text = ids != ctx  # the visual tokens replace <IMG_CONTEXT>; every other position is the token's embedding
+        with torch.no_grad():
+            torch.testing.assert_close(embeds[text], embed(ids)[text], rtol=0, atol=0)
+        return ids
+
+    model.chat(tok, None, "What is two plus two?")
+    ids = check(*seen[-1], official_chat_inputs(tok, "What is two plus two?", [], n_img, DEFAULT_SYSTEM))
+    assert ids[0, 0] == tok.bos_token_id  # before: the prompt started at <|im_start|>
+    model.chat(tok, image, "What colour is it?")
+    check(*seen[-1], official_chat_inputs(tok, "What colour is it?", [1], n_img, DEFAULT_SYSTEM))
+    model.batch_chat(tok, [image, image], ["Colour?", "Is it a square image of one colour?"])
+    ids = check(*seen[-1], official_batch_chat_inputs(tok, ["Colour?", "Is it a square image of one colour?"],
+                                                      [1, 1], n_img, DEFAULT_SYSTEM))
+    assert (ids == tok.bos_token_id).sum(1).tolist() == [1, 1]

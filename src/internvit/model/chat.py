@@ -177,11 +177,15 @@ class InternVLChatModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokenizer, pixel_values: torch.Tensor | None, prompts: list[str], **generate_kwargs) -> list[str]:
-        """Batched generation from prompts that already contain their image tokens (left padding, as batch_chat)."""
+        """Batched generation from prompts that already contain their image tokens (left padding, as batch_chat).
+
+        The prompts are encoded as InternVL's `chat()` / `batch_chat()` encode them, with the tokenizer's special
+        tokens: an InternLM2 tokenizer puts its BOS first, as in training (`preprocess_internvl2_5`); Qwen2's adds
+        nothing."""
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
         device = self.language_model.get_input_embeddings().weight.device
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         embeds = self.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
