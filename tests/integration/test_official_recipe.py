@@ -198,3 +198,68 @@ def test_chat_keeps_the_bos_of_an_internlm_style_tokenizer(texts, monkeypatch):
     ids = check(*seen[-1], official_batch_chat_inputs(tok, ["Colour?", "Is it a square image of one colour?"],
                                                       [1, 1], n_img, DEFAULT_SYSTEM))
     assert (ids == tok.bos_token_id).sum(1).tolist() == [1, 1]
+
+
+# ---- 5: weight decay on every trainable tensor ---------------------------------------------------------------
+
+
+def tiny_chat_model(texts):
+    import internvit
+    from internvit.model.chat import InternVLChatModel, add_special_tokens
+    from internvit.model.projector import ProjectorConfig
+
+    llm, tok = tiny_llm(texts)
+    ctx = add_special_tokens(tok, llm)
+    vit = internvit.InternVisionModel(internvit.PRESETS["tiny"])
+    return InternVLChatModel(vit, llm, ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
+                                                       llm_hidden_size=llm.config.hidden_size),
+                             img_context_token_id=ctx), tok
+
+
+def official_optimizer(model, *, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """The optimizer InternVL's stage scripts train with. They pass `--deepspeed zero_stage1_config.json`, whose
+    `optimizer` block (`internvl_chat/zero_stage1_config.json` lines 23-34: AdamW, betas 0.9/0.999, eps 1e-8,
+    weight_decay "auto" = --weight_decay) makes transformers hand DeepSpeed `DummyOptim(params=model_parameters)` with
+    `model_parameters = list(filter(lambda p: p.requires_grad, model.parameters()))` (transformers
+    `integrations/deepspeed.py`, `deepspeed_init` / `deepspeed_optim_sched`: lines 669 and 576-577 of 5.24, the
+    same in 4.37.2). DeepSpeed builds AdamW (FusedAdam, adam_w_mode: decoupled decay, as torch's AdamW) over that
+    one list: one group, every trainable tensor decays."""
+    model_parameters = list(filter(lambda p: p.requires_grad, model.parameters()))
+    return torch.optim.AdamW(model_parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def test_weight_decay_reaches_every_trainable_tensor_as_internvl_s(texts):
+    import copy
+
+    from internvit.train.loop import apply_stage, build_optimizer
+    from internvit.train.stages import STAGES
+
+    model, _ = tiny_chat_model(texts)
+    cfg = STAGES["2"](lr=1e-2, weight_decay=0.05, grad_checkpointing=False)
+    apply_stage(model, cfg)
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    one_d = {k for k, p in trainable.items() if p.ndim < 2}
+    assert any(".ls1" in k for k in one_d) and any(k.endswith(".bias") for k in one_d)
+    assert any("norm" in k for k in one_d)
+    print(f"[recipe] stage 2, tiny model: all {len(trainable)} trainable tensors decay; weight_decay_1d=false "
+          f"exempts {len(one_d)} (1-D: biases, norms, ls1/ls2)")
+    init = {k: p.detach().clone() for k, p in trainable.items()}
+    theirs_model, old_model = copy.deepcopy(model), copy.deepcopy(model)
+    runs = {"ours": (model, build_optimizer(model, cfg)),
+            "theirs": (theirs_model, official_optimizer(theirs_model, lr=cfg.lr, weight_decay=cfg.weight_decay)),
+            "1d_off": (old_model, build_optimizer(old_model, cfg.replace(weight_decay_1d=False)))}
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):  # step 0: zero gradients, so only the decay moves a weight; then random gradients
+        grads = {k: torch.randn(p.shape, generator=g) if step else torch.zeros(p.shape) for k, p in trainable.items()}
+        for m, opt in runs.values():
+            for k, p in m.named_parameters():
+                if p.requires_grad:
+                    p.grad = grads[k].clone()
+            opt.step()
+        params = {name: dict(m.named_parameters()) for name, (m, _) in runs.items()}
+        for k in trainable:
+            assert torch.equal(params["ours"][k], params["theirs"][k]), (step, k)
+            if step == 0:
+                decayed = init[k] * (1 - cfg.lr * cfg.weight_decay)
+                torch.testing.assert_close(params["theirs"][k], decayed, rtol=1e-6, atol=0)
+                assert torch.equal(params["1d_off"][k], init[k] if k in one_d else params["theirs"][k]), k

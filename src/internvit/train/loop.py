@@ -99,6 +99,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay as InternVL's: its stage scripts pass a DeepSpeed config
+    with an `optimizer` block (`zero_stage1_config.json`), so transformers hands DeepSpeed every trainable tensor
+    in one group and all of them decay, biases, norm weights and the ViT's `ls1`/`ls2` included.
+    `weight_decay_1d=False` exempts the 1-D tensors instead (HF Trainer's own optimizer does so for biases and
+    norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage}: nothing to train")
+    if cfg.weight_decay_1d:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+
 def check_packed_attention(llm: torch.nn.Module) -> None:
     """Packing needs an LLM whose attention keeps the samples of a row apart when position ids restart (spec §6.4);
     transformers' native models do, remote code often does not. Compare two short sequences packed and apart."""
@@ -257,12 +274,8 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         shard_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"stage {cfg.stage}: nothing to train")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases and norms
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    opt = build_optimizer(model, cfg)
+    params = [p for group in opt.param_groups for p in group["params"]]
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
     step = 0

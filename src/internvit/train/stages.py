@@ -28,6 +28,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.01
+    weight_decay_1d: bool = True  # decay biases, norm weights and ls1/ls2 too (InternVL's DeepSpeed AdamW)
     drop_path_rate: float = 0.1
     unfreeze_vit_layers: int = 0  # with a frozen ViT: train layers[k:] anyway (InternVL's flag; -4 = last 4)
     vit_lora_rank: int = 0  # > 0: the ViT learns through LoRA adapters of this rank (InternVL's use_backbone_lora)
