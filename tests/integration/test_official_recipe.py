@@ -263,3 +263,116 @@ def test_weight_decay_reaches_every_trainable_tensor_as_internvl_s(texts):
                 decayed = init[k] * (1 - cfg.lr * cfg.weight_decay)
                 torch.testing.assert_close(params["theirs"][k], decayed, rtol=1e-6, atol=0)
                 assert torch.equal(params["1d_off"][k], init[k] if k in one_d else params["theirs"][k]), k
+
+
+# ---- 1: stage defaults ---------------------------------------------------------------------------------------
+
+# The flags of InternVL 2.5's stage scripts (`internvl_chat/shell/internvl2.5/`), as they pass them:
+STAGE_SCRIPTS = {
+    # stage1/internvl2_5_1b_qwen2_5_0_5b_dynamic_res_stage1.sh lines 51-53, 67-69, 72, 81-84
+    "1": {"drop_path_rate": 0.0, "min_num_frame": 8, "max_num_frame": 32, "learning_rate": 2e-4,
+          "weight_decay": 0.01, "warmup_steps": 100, "max_seq_length": 16384, "use_packed_ds": True,
+          "num_images_expected": 48, "max_packed_tokens": 16384, "max_buffer_size": 20},
+    # stage1.5/internvl2_5_8b_internlm2_5_7b_dynamic_res_stage1_5.sh lines 50-52, 66-68, 71, 80-83
+    "1.5": {"drop_path_rate": 0.1, "min_num_frame": 8, "max_num_frame": 32, "learning_rate": 1e-5,
+            "weight_decay": 0.05, "warmup_steps": 100, "max_seq_length": 16384, "use_packed_ds": True,
+            "num_images_expected": 48, "max_packed_tokens": 16384, "max_buffer_size": 20},
+    # stage2/internvl2_5_1b_qwen2_5_0_5b_dynamic_res_stage2.sh lines 50-52, 66-68, 71, 80-83
+    "2": {"drop_path_rate": 0.1, "min_num_frame": 8, "max_num_frame": 32, "learning_rate": 4e-5,
+          "weight_decay": 0.01, "warmup_ratio": 0.03, "max_seq_length": 16384, "use_packed_ds": True,
+          "num_images_expected": 48, "max_packed_tokens": 16384, "max_buffer_size": 20},
+}
+OURS = {"learning_rate": "lr", "use_packed_ds": "pack", "num_images_expected": "max_packed_tiles",
+        "max_buffer_size": "max_buffers"}
+
+
+@pytest.mark.parametrize("stage", ["1", "1.5", "2"])
+def test_stage_defaults_are_the_stage_scripts(stage):
+    from internvit.train.stages import STAGES
+
+    cfg = STAGES[stage]()
+    for flag, value in STAGE_SCRIPTS[stage].items():
+        assert getattr(cfg, OURS.get(flag, flag)) == value, flag
+    assert cfg.sampling_method == "rand" and cfg.weight_decay_1d and cfg.shrink_embeddings
+    assert STAGES[stage](pack=False, max_seq_length=8192).max_seq_length == 8192  # the other choice, one --set away
+
+
+def test_cli_defaults_pack_and_no_pack_turns_it_off():
+    from internvit.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--stage", "2", "--meta", "m.json", "--out", "o"]
+    assert parser.parse_args(base).pack is None  # the stage's default (on)
+    assert parser.parse_args(base + ["--pack"]).pack is True
+    assert parser.parse_args(base + ["--no-pack"]).pack is False
+
+
+# ---- 2: video frames in training ---------------------------------------------------------------------------
+
+
+def read_frames_gif_indices(vlen, num_frames, min_num_frames):
+    """InternVL `internvl_chat/internvl/train/dataset.py` lines 61-86 (`get_frame_indices`, sample='rand') and
+    102-123 (`read_frames_gif`: the GIF frames whose index was drawn, once each), over frame indices."""
+    import random
+
+    import numpy as np
+
+    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
+    acc_samples = min(t_num_frames, vlen)
+    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+    ranges = []
+    for idx, interv in enumerate(intervals[:-1]):
+        ranges.append((interv, intervals[idx + 1] - 1))
+    try:
+        frame_indices = [random.choice(range(x[0], x[1])) for x in ranges]
+    except:  # noqa: E722 (as InternVL)
+        frame_indices = np.random.permutation(vlen)[:acc_samples]
+        frame_indices.sort()
+        frame_indices = list(frame_indices)
+    if len(frame_indices) < t_num_frames:
+        padded_frame_indices = [frame_indices[-1]] * t_num_frames
+        padded_frame_indices[:len(frame_indices)] = frame_indices
+        frame_indices = padded_frame_indices
+    return [index for index in range(vlen) if index in frame_indices]
+
+
+def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
+    """The example GIF sample (12 frames): each epoch its frames are those InternVL's read_frames_gif draws with
+    that epoch's seed; one tile and one `Frame-k: <image>` per frame; the same (index, epoch) gives the same
+    sample again (a pack leaving its buffer, a resumed run); `data_augment` JPEG-degrades video frames too."""
+    import random
+
+    import numpy as np
+
+    from internvit.model.chat import add_special_tokens
+    from internvit.train.data import ConversationDataset, load_meta
+
+    _, tok = tiny_llm(texts)
+    add_special_tokens(tok)
+    ds = ConversationDataset(load_meta(EXAMPLES / "train" / "meta.json"), tok, num_image_token=4, tile_size=56,
+                             max_tiles=4, min_num_frame=2, max_num_frame=32)
+    video = next(i for i, (_, s) in enumerate(ds.items) if "video" in s)
+    end = tok.convert_tokens_to_ids("</img>")
+    counts = set()
+    for epoch in range(6):
+        seed = ds.seeds(video, epoch)[0]
+        random.seed(seed)
+        np.random.seed(seed)
+        expected = read_frames_gif_indices(12, 32, 2)
+        out = ds[(video, epoch)]
+        assert out["pixel_values"].shape[0] == len(expected) == int((out["input_ids"] == end).sum())
+        text = tok.decode(out["input_ids"])
+        assert text.count("Frame-") == len(expected) and f"Frame-{len(expected)}: <img>" in text
+        again = ds[(video, epoch)]
+        assert torch.equal(again["pixel_values"], out["pixel_values"])
+        counts.add(len(expected))
+    assert len(counts) > 1  # 2..32 frames drawn: fewer than 12 some epochs
+    meta = json.loads((EXAMPLES / "train" / "meta.json").read_text())
+    meta["demo"].update(root=str(EXAMPLES / "images"), annotation=str(EXAMPLES / "train" / "conversations.jsonl"),
+                        data_augment=True)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    aug = ConversationDataset(load_meta(tmp_path / "meta.json"), tok, num_image_token=4, tile_size=56, max_tiles=4,
+                              min_num_frame=2, max_num_frame=32)
+    plain, jpeg = ds[(video, 0)]["pixel_values"], aug[(video, 0)]["pixel_values"]
+    assert plain.shape == jpeg.shape and not torch.equal(plain, jpeg)
+    assert torch.equal(jpeg, aug[(video, 0)]["pixel_values"])
