@@ -376,3 +376,141 @@ def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
     plain, jpeg = ds[(video, 0)]["pixel_values"], aug[(video, 0)]["pixel_values"]
     assert plain.shape == jpeg.shape and not torch.equal(plain, jpeg)
     assert torch.equal(jpeg, aug[(video, 0)]["pixel_values"])
+
+
+# ---- the deliberate differences the README lists -------------------------------------------------------------
+
+
+def official_reading(sample: dict):
+    """What InternVL does with a sample's media and placeholders: `internvl_chat_pretrain.py` lines 689-698 (which
+    get_item: images win over a video; `"image": ""` is pure text), 467-469 (`multi_modal_get_item`: `<image>\\n`
+    prepended to the first turn when it has none) and `dataset.py` lines 723-742 (`preprocess_internvl2_5`: the
+    system turn popped, then the human turns' placeholders expanded until the images run out, then
+    `assert current_image_idx == num_image`; a failed sample makes `__getitem__` train a random other one).
+    Returns (kind, system prompt, human turns after expansion) or (kind, "another sample")."""
+    import copy
+
+    data_item = copy.deepcopy(sample)
+    if 'image' in data_item and len(data_item['image']) != 0:
+        if type(data_item['image']) == list:
+            kind, num_image = "multi_image", len(data_item['image'])
+        else:
+            kind, num_image = "image", 1
+            if '<image>' not in data_item['conversations'][0]['value']:
+                data_item['conversations'][0]['value'] = '<image>\n' + data_item['conversations'][0]['value']
+    elif 'video' in data_item and data_item['video'] is not None and data_item['video'] != '':
+        return "video", None
+    else:
+        return "pure_text", None
+    conversations = data_item['conversations']
+    system_prompt = None
+    if conversations[0]['from'] == 'system':
+        system_prompt = conversations[0]['value']
+        conversations = conversations[1:]
+    current_image_idx = 0
+    for conversation in conversations:
+        if conversation['from'] == 'human':
+            image_cnt = conversation['value'].count('<image>')
+            for i in range(image_cnt):
+                if current_image_idx == num_image:
+                    break
+                conversation['value'] = conversation['value'].replace('<image>', '<img>IMG</img>', 1)
+                current_image_idx += 1
+    if current_image_idx != num_image:
+        return kind, "another sample"
+    return kind, system_prompt, [c['value'] for c in conversations if c['from'] == 'human']
+
+
+def test_malformed_samples_are_rejected_with_a_reason(texts, tmp_path):
+    from PIL import Image
+
+    from internvit.model.chat import add_special_tokens
+    from internvit.train.data import ConversationDataset, SampleError, load_meta
+
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "red.jpg")
+    answer = {"from": "gpt", "value": "Red."}
+    cases = [  # (sample, what InternVL does with it, the reason ours names)
+        ({"image": "red.jpg", "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat?"}, answer]},
+         ("image", None, ["<img>IMG</img>\n<image>\nWhat?"]), "more <image> placeholders than images"),
+        ({"image": ["red.jpg", "red.jpg"], "conversations": [{"from": "human", "value": "<image>\nWhat?"}, answer]},
+         ("multi_image", "another sample"), "2 images but fewer <image> placeholders"),
+        ({"image": "", "conversations": [{"from": "human", "value": "What?"}, answer]},
+         ("pure_text", None), "an empty image or video path"),
+        ({"image": "red.jpg", "video": "clip.gif", "conversations": [{"from": "human", "value": "What?"}, answer]},
+         ("image", None, ["<img>IMG</img>\nWhat?"]), 'has both "image" and "video"'),
+    ]
+    system_first = {"image": "red.jpg", "conversations": [{"from": "system", "value": "Be brief."},
+                                                          {"from": "human", "value": "<image>\nWhat?"}, answer]}
+    lines = [c[0] for c in cases] + [system_first]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": "d.jsonl"}}))
+    _, tok = tiny_llm(texts)
+    add_special_tokens(tok)
+    ds = ConversationDataset(load_meta(tmp_path / "meta.json"), tok, num_image_token=4, tile_size=56)
+    for i, (sample, theirs, reason) in enumerate(cases):
+        assert official_reading(sample) == theirs  # InternVL trains it, or silently takes another sample
+        with pytest.raises(SampleError, match=reason):
+            ds[i]
+    # a system turn first: InternVL puts a second <image> into the system prompt, as text; ours reads it as meant
+    assert official_reading(system_first) == ("image", "<image>\nBe brief.", ["<img>IMG</img>\nWhat?"])
+    text = tok.decode(ds[len(cases)]["input_ids"])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<img>") and "<image>" not in text
+
+
+def hf_cosine_with_warmup(current_step, *, num_warmup_steps, num_training_steps, num_cycles=0.5):
+    """transformers `optimization.py` `_get_cosine_schedule_with_warmup_lr_lambda` (lines 134-140 of 5.24; the same
+    in 4.37.2), the schedule of InternVL's `--lr_scheduler_type cosine`."""
+    import math
+
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
+
+
+def test_warmup_starts_at_lr_over_w_then_equals_hf_s_cosine():
+    from internvit.train.loop import lr_factor
+
+    for warmup, total in ((100, 1000), (3, 30), (0, 10)):
+        ours = [lr_factor(s, warmup, total) for s in range(total)]
+        theirs = [hf_cosine_with_warmup(s, num_warmup_steps=warmup, num_training_steps=total) for s in range(total)]
+        if warmup:
+            assert theirs[0] == 0.0 and ours[0] == 1 / warmup  # HF's step 0 trains at lr 0
+            assert ours[:warmup] == theirs[1:warmup + 1]  # one step ahead during the warmup
+        assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=1e-12, abs=1e-15)  # then equal
+
+
+def test_exif_orientation_is_applied_where_internvl_ignores_it(texts, tmp_path):
+    """A photo stored 96x56 with EXIF orientation 6 (rotate 90°) is trained upright, 56x96: its tiles are those of
+    the transposed image; InternVL's `load_image` (`internvl_chat_pretrain.py` line 448:
+    `Image.open(image_path).convert('RGB')`) keeps the stored pixels and their grid."""
+    from PIL import Image, ImageOps
+
+    from internvit.model.chat import add_special_tokens
+    from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
+    from internvit.preprocess.tiling import dynamic_tiles
+    from internvit.train.data import ConversationDataset, load_meta
+
+    stored = Image.new("RGB", (96, 56))
+    stored.paste((250, 0, 0), (0, 0, 48, 56))
+    stored.paste((0, 0, 250), (48, 0, 96, 56))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "phone.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red and blue."}]}) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": "d.jsonl"}}))
+    _, tok = tiny_llm(texts)
+    add_special_tokens(tok)
+    ours = ConversationDataset(load_meta(tmp_path / "meta.json"), tok, num_image_token=4, tile_size=56,
+                               max_tiles=4)[0]["pixel_values"]
+    theirs_image = Image.open(tmp_path / "phone.jpg").convert("RGB")  # InternVL's load_image
+
+    def tiles(image):
+        return torch.stack([to_tensor_normalized(t, IMAGENET_MEAN, IMAGENET_STD)
+                            for t in dynamic_tiles(image, max_tiles=4, tile_size=56)[0]])
+
+    assert theirs_image.size == (96, 56)
+    upright = tiles(ImageOps.exif_transpose(theirs_image))
+    assert torch.equal(ours, upright)
+    assert tiles(theirs_image).shape != upright.shape or not torch.equal(tiles(theirs_image), upright)
