@@ -205,7 +205,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         from internvit.features import tile_image
         from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_image, to_tensor_normalized
         from internvit.preprocess.tiling import dynamic_tiles, tile_budget
-
         from internvit.preprocess.video import train_frames
 
         i, epoch = key if isinstance(key, tuple) else (key, 0)

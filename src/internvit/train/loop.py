@@ -133,8 +133,8 @@ def check_packed_attention(llm: torch.nn.Module) -> None:
     err = (packed - alone).abs().max().item()
     if err > 1e-3 * max(1.0, alone.abs().max().item()):
         raise ValueError(f"pack=True needs block-diagonal attention, but {type(llm).__name__} lets packed samples see "
-                         f"each other (logits differ by {err:.3g}); train without packing or use an LLM that "
-                         "transformers implements natively")
+                         f"each other (logits differ by {err:.3g}); train without packing (--no-pack, pack=False) "
+                         "or use an LLM that transformers implements natively")
 
 
 def shard_model(model: InternVLChatModel) -> None:
