@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--max-tiles", type=_positive)
-    p.add_argument("--pack", action="store_true", default=None,
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack samples into rows of up to max_packed_tokens tokens and max_packed_tiles tiles, as "
-                   "InternVL 2.5's stage scripts do (spec §6.4); --batch-size then counts packs")
+                   "InternVL 2.5's stage scripts do (spec §6.4; the default); --batch-size then counts packs. "
+                   "--no-pack: one padded sample per row")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the LLM and ViT layers over the processes (FSDP) instead of DDP")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", metavar="OUT", help="write the kept samples, a new meta.json and report.json to OUT")
     p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code (InternLM2.5)")
-    p.add_argument("--max-seq-length", type=_positive, default=8192)
+    p.add_argument("--max-seq-length", type=_positive, default=16384)
     p.add_argument("--max-tiles", type=_positive, default=12)
 
     p = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI-compatible /v1/embeddings, /v1/features)",
@@ -373,11 +374,14 @@ def _train(args: argparse.Namespace) -> int:
     cfg = STAGES[args.stage](**overrides)
     torch.manual_seed(cfg.seed)  # a fresh mlp1 is random: the same seed, the same run
     model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
-                                   trust_remote_code=args.trust_remote_code)
+                                   trust_remote_code=args.trust_remote_code,
+                                   shrink_embeddings=cfg.shrink_embeddings)
     max_seq_length = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.pack else cfg.max_seq_length
     dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
                                   num_image_token=model.num_image_token, max_seq_length=max_seq_length,
-                                  tile_size=model.vision_model.config.image_size, seed=cfg.seed)
+                                  tile_size=model.vision_model.config.image_size, seed=cfg.seed,
+                                  min_num_frame=cfg.min_num_frame, max_num_frame=cfg.max_num_frame,
+                                  sampling_method=cfg.sampling_method)
     rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet)
     if rows:
         print(f"stage {cfg.stage}: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "

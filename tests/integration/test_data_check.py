@@ -24,6 +24,8 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
     root.mkdir()
     Image.new("RGB", (640, 480), (200, 10, 10)).save(root / "red.jpg")
     (root / "broken.jpg").write_text("not a jpeg")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(root / "green.gif", save_all=True,
+                                                    append_images=[Image.new("RGB", (64, 48), (10, 10, 200))])
     good = {"id": "good", "image": "red.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}
     rows = [
@@ -39,6 +41,9 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
                                          " ".join(["because the sky is blue and the sea is blue too"] * 6)}]},
         {"id": "noconv"},
         {"id": "unanswered", "conversations": [{"from": "human", "value": "Anyone?"}]},
+        {"id": "both", "image": "red.jpg", "video": "green.gif", "conversations": [
+            {"from": "human", "value": "<video>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "nopath", "image": "", "conversations": good["conversations"]},
         good,  # a duplicate line
     ]
     ann = tmp_path / "data.jsonl"
@@ -51,15 +56,15 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
     assert reasons == {"missing": ["missing_media"], "unreadable": ["unreadable_media"],
                        "mismatch": ["placeholder_mismatch"], "empty": ["empty_answer"], "dup": ["duplicate_answer"],
                        "loop": ["repetitive"], "noconv": ["bad_format"], "unanswered": ["no_answer"],
-                       "good": ["duplicate_sample"],
+                       "good": ["duplicate_sample"], "both": ["mixed_media"], "nopath": ["empty_media_path"],
                        None: ["bad_json"]}
-    assert report.samples == 12 and report.kept == 2
+    assert report.samples == 14 and report.kept == 2
 
     out = tmp_path / "fixed"
     proc = subprocess.run([sys.executable, "-m", "internvit.cli", "data", "check", str(meta), "--fix", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
-    assert "demo: 12 samples, 2 kept" in proc.stdout
+    assert "demo: 14 samples, 2 kept" in proc.stdout
     kept = [json.loads(l)["id"] for l in (out / "demo.jsonl").read_text().splitlines()]
     assert kept == ["good", "text"]
     new_meta = json.loads((out / "meta.json").read_text())

@@ -134,7 +134,7 @@ def test_square_averaging_weights_by_hand():
 def test_stage_trains_exactly_its_parts_and_overfits(parts, stage, tmp_path):
     model, tok = fresh(parts)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = STAGES[stage](max_steps=25, lr=0.02, warmup_steps=2, save_every=1000)
+    cfg = STAGES[stage](max_steps=25, lr=0.02, warmup_steps=2, save_every=1000, pack=False)
     rows = train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run",
                  progress=False)
     after = model.state_dict()
@@ -163,7 +163,8 @@ def test_lora_trains_adapters_only_and_saves_merged_checkpoints(parts, tmp_path)
     falls; final/ (adapters merged) reloads to the logits of the trained model with its adapters."""
     model, tok = fresh(parts)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = STAGES["2"](max_steps=20, lr=0.02, warmup_steps=2, vit_lora_rank=4, llm_lora_rank=4, save_every=1000)
+    cfg = STAGES["2"](max_steps=20, lr=0.02, warmup_steps=2, vit_lora_rank=4, llm_lora_rank=4, save_every=1000,
+                      pack=False)
     rows = train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run",
                  progress=False)
     after = model.state_dict()
@@ -187,7 +188,7 @@ def test_lora_trains_adapters_only_and_saves_merged_checkpoints(parts, tmp_path)
 
 
 def test_resume_continues_with_the_same_losses(parts, tmp_path):
-    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2, data_threads=0)
+    cfg = STAGES["2"](max_steps=4, lr=0.01, warmup_steps=1, save_every=2, batch_size=2, data_threads=0, pack=False)
     model, tok = fresh(parts)
     straight = train(model, tok, dataset(parts, model, tok), cfg.replace(data_threads=2), tmp_path / "a",
                      progress=False)  # loading ahead in threads changes nothing
@@ -202,9 +203,50 @@ def test_resume_continues_with_the_same_losses(parts, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+class _Planted:
+    """A pickle that runs a command when loaded (what a hostile run folder could hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_pickle_that_would_run_code(parts, tmp_path):
+    """last/ is read with weights_only=True: a planted optimizer.pt (or an old-layout state.pt) is refused with an
+    error naming the file, and its command never runs. The non-tensor state is plain JSON."""
+    import pickle
+
+    cfg = STAGES["1"](max_steps=1, lr=0.01, save_every=1, pack=False, data_threads=0)
+    model, tok = fresh(parts)
+    train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg, tmp_path / "run", progress=False)
+    last = tmp_path / "run" / "last"
+    assert sorted(p.name for p in last.iterdir()) == ["optimizer.pt", "state.json", "trainable.safetensors"]
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 1 and len(state["data"][0]["rng"]) == len(torch.get_rng_state())
+    marker = tmp_path / "pwned"
+    for name in ("optimizer.pt", "state.pt"):
+        if name == "state.pt":
+            (last / "state.json").unlink()  # the earlier layout: one torch file
+        with open(last / name, "wb") as f:
+            pickle.dump({"optimizer": _Planted(marker)}, f, protocol=2)
+        model, tok = fresh(parts)
+        with pytest.raises(ValueError, match=rf"{name}: refusing to resume from it") as err:
+            train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg.replace(max_steps=2),
+                  tmp_path / "run", progress=False)
+        assert str(last / name) in str(err.value)
+        assert not marker.exists()
+    with open(marker.with_suffix(".check"), "wb") as f:  # the planted object does run when unpickled unsafely
+        pickle.dump(_Planted(marker), f)
+    with open(marker.with_suffix(".check"), "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
 def test_exported_vit_and_chat_checkpoint_round_trip(parts, tmp_path):
     model, tok = fresh(parts)
-    train(model, tok, dataset(parts, model, tok), STAGES["1.5"](max_steps=1, lr=0.01), tmp_path / "run",
+    train(model, tok, dataset(parts, model, tok), STAGES["1.5"](max_steps=1, lr=0.01, pack=False), tmp_path / "run",
           progress=False)
     vit = internvit.from_pretrained(tmp_path / "run" / "vision", dtype="fp32")
     for k, v in model.vision_model.state_dict().items():  # exported in bf16
@@ -255,7 +297,7 @@ ds = Crashing(ds)
 rows = train(model, tok, ds, STAGES["2"](max_steps=3, lr=0.01, warmup_steps=1, batch_size=bs,
              drop_path_rate=0.0,  # stochastic depth draws differ between 1 and 2 processes
              grad_checkpointing=False, fsdp=mode != "ddp", vit_lora_rank=lora, llm_lora_rank=lora, lora_dropout=0.0,
-             save_every=2, data_threads=0 if crash_after else 2), out,
+             save_every=2, data_threads=0 if crash_after else 2, pack=False), out,
              progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("ROWS=" + json.dumps(rows))
@@ -332,7 +374,8 @@ def packed_dataset(parts, model, tok, tmp_path, *, broken: bool = False):
         {"demo": {"root": str(EXAMPLES / "images"), "annotation": str(tmp_path / "data.jsonl"), "repeat_time": 2,
                   "max_dynamic_patch": 4}}))
     return ConversationDataset(load_meta(tmp_path / "meta.json"), tok, num_image_token=model.num_image_token,
-                               tile_size=56, max_tiles=4, max_seq_length=512)
+                               tile_size=56, max_tiles=4, max_seq_length=512,
+                               min_num_frame=2, max_num_frame=6)  # the video's 2..6 frames fit a pack of 8 tiles
 
 
 def test_packed_row_equals_its_samples_alone(parts, tmp_path):

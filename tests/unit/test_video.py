@@ -1,13 +1,16 @@
 """Video frame sampling and decoding (internvit.preprocess.video).
 
 Expectations come from spec/internvit.md §4 (the worked example of `get_index`, and a literal copy of InternVL's
-`get_index` below) and from media the tests write themselves: every frame's content encodes its index (a grey level
-for videos, a distinct palette colour for GIFs and frame folders), so the decoded frame can be identified.
+`get_index` below), from InternVL's training sampling (`get_frame_indices` and the `read_frames_*` readers,
+transcribed below from `internvl_chat/internvl/train/dataset.py`) and from media the tests write themselves: every
+frame's content encodes its index (a grey level for videos, a distinct palette colour for GIFs and frame folders),
+so the decoded frame can be identified.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 from PIL import Image
 
 from internvit.preprocess.image import ImageLoadError
-from internvit.preprocess.video import VideoLoadError, frame_indices, load_frames
+from internvit.preprocess.video import VideoLoadError, frame_indices, load_frames, sample_frame_indices, train_frames
 
 pytestmark = pytest.mark.unit
 
@@ -248,3 +251,163 @@ def test_bad_inputs_raise_video_load_error_naming_the_file(tmp_path, make):
         load_frames(path, num_segments=4)
     assert os.fspath(path) in str(err.value)
     assert isinstance(err.value, ImageLoadError) and isinstance(err.value, ValueError)
+
+
+# ---- InternVL's training sampling (issue 12), transcribed from OpenGVLab/InternVL 2410d1d ------------------------
+# internvl_chat/internvl/train/dataset.py; the readers return the frames of these indices (the tests read the frame
+# contents to check ours gives those frames). TCSLoader.__call__ (lines 228-244) passes num_frames=max_num_frame and
+# min_num_frames=min_num_frame (8 and 32 in every InternVL 2.5 stage script).
+
+
+def get_frame_indices(num_frames, vlen, sample='rand', fix_start=None, input_fps=1, max_num_frames=-1):
+    """dataset.py lines 61-99 (the 'fps' branch left out: the stage scripts sample 'rand')."""
+    if sample in ['rand', 'middle']:  # uniform sampling
+        acc_samples = min(num_frames, vlen)
+        # split the video into `acc_samples` intervals, and sample from each interval.
+        intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+        ranges = []
+        for idx, interv in enumerate(intervals[:-1]):
+            ranges.append((interv, intervals[idx + 1] - 1))
+        if sample == 'rand':
+            try:
+                frame_indices = [random.choice(range(x[0], x[1])) for x in ranges]
+            except:  # noqa: E722 (as InternVL)
+                frame_indices = np.random.permutation(vlen)[:acc_samples]
+                frame_indices.sort()
+                frame_indices = list(frame_indices)
+        elif fix_start is not None:
+            frame_indices = [x[0] + fix_start for x in ranges]
+        elif sample == 'middle':
+            frame_indices = [(x[0] + x[1]) // 2 for x in ranges]
+        else:
+            raise NotImplementedError
+
+        if len(frame_indices) < num_frames:  # padded with last frame
+            padded_frame_indices = [frame_indices[-1]] * num_frames
+            padded_frame_indices[:len(frame_indices)] = frame_indices
+            frame_indices = padded_frame_indices
+    else:
+        raise ValueError
+    return frame_indices
+
+
+def read_frames_gif(vlen, num_frames, sample='rand', min_num_frames=4):
+    """dataset.py lines 102-123: the indices of the GIF frames it returns (`for index, frame in enumerate(gif): if
+    index in frame_indices: frames.append(frame)`)."""
+    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
+    frame_indices = get_frame_indices(t_num_frames, vlen, sample=sample)
+    return [index for index in range(vlen) if index in frame_indices]
+
+
+def read_frames_decord(vlen, fps, num_frames, sample='rand', clip=None, min_num_frames=4):
+    """dataset.py lines 126-155: the indices it passes to `video_reader.get_batch` (one frame each)."""
+    if clip:
+        start, end = clip
+        duration = end - start
+        vlen = int(duration * fps)
+        start_index = int(start * fps)
+    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
+    frame_indices = get_frame_indices(t_num_frames, vlen, sample=sample, input_fps=fps)
+    if clip:
+        frame_indices = [f + start_index for f in frame_indices]
+    return [int(f) for f in frame_indices]
+
+
+def read_frames_folder(vlen, num_frames, sample='rand', min_num_frames=4):
+    """dataset.py lines 169-196: the indices of the (sorted) frames it returns."""
+    frames = list(range(vlen))
+    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
+    if vlen > t_num_frames:
+        frame_indices = get_frame_indices(t_num_frames, vlen, sample=sample)
+        frames = [frames[i] for i in frame_indices]
+    return frames
+
+
+def official(fn, seed, *args, **kwargs):
+    """Run an InternVL reader with the global `random` and `np.random` seeded as ours seeds its own generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    return [int(i) for i in fn(*args, **kwargs)]
+
+
+def test_sample_frame_indices_draws_as_internvl_s_get_frame_indices():
+    """Index for index and draw for draw (the generators end in the same state) over a sweep that reaches both
+    branches of 'rand' (a random frame per segment; a sorted random subset when a segment is too short)."""
+    cases = fallbacks = 0
+    for vlen in list(range(1, 70)) + [299, 1000]:
+        for num_frames in (1, 2, 3, 7, 8, 16, 32):
+            for seed in range(3):
+                for sample in ("rand", "middle"):
+                    expected = official(get_frame_indices, seed, num_frames, vlen, sample=sample)
+                    after = (random.random(), np.random.random())
+                    rng, np_rng = random.Random(seed), np.random.RandomState(seed)
+                    ours = sample_frame_indices(num_frames, vlen, rng=rng, np_rng=np_rng, sample=sample)
+                    assert ours == expected, (vlen, num_frames, seed, sample)
+                    assert (rng.random(), np_rng.random_sample()) == after, (vlen, num_frames, seed, sample)
+                    assert len(ours) == num_frames and all(0 <= i < vlen for i in ours)
+                    fallbacks += sample == "rand" and vlen < 2 * min(num_frames, vlen)
+                    cases += 1
+    assert cases > 1900 and fallbacks > 100
+
+
+def test_train_frames_of_a_gif_are_internvl_s_and_never_repeat(tmp_path):
+    """A 4-frame GIF gives its 4 frames once each (the model card's get_index, which training used before, gives
+    [0,0,1,1,2,2,2,3]); a 10-frame GIF a random subset; always those InternVL's read_frames_gif returns for the same
+    draws."""
+    for n, (lo, hi) in ((4, (8, 32)), (10, (2, 9))):
+        frames = [Image.new("RGB", (40, 30), c) for c in PALETTE[:n]]
+        path = tmp_path / f"anim{n}.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+        counts = set()
+        for seed in range(12):
+            out, indices = train_frames(path, seed=seed, min_num_frames=lo, max_num_frames=hi)
+            assert indices == official(read_frames_gif, seed, n, hi, min_num_frames=lo), (n, seed)
+            assert [colour_index(f) for f in out] == indices
+            assert len(set(indices)) == len(indices) <= n
+            counts.add(len(indices))
+        if n == 4:
+            assert counts == {4} and indices == [0, 1, 2, 3]
+            assert load_frames(path, num_segments=8)[1] == [0, 0, 1, 1, 2, 2, 2, 3]
+        else:
+            assert len(counts) > 1  # the count is drawn
+
+
+@pytest.mark.parametrize("n, clip", [(N_FRAMES, None), (N_FRAMES, (0.5, 1.5)), (5, None)],
+                         ids=["60_frames", "clip", "5_frames"])
+def test_train_frames_of_a_video_are_internvl_s(tmp_path, n, clip):
+    """The frames read_frames_decord takes for the same draws (8..32 of them; a 5-frame video repeats its last
+    frame up to the count, as decord's get_batch of the padded indices does), decoded by PyAV."""
+    path = write_video(tmp_path / "clip.mp4", "mpeg4", n=n)
+    for seed in range(4):
+        out, indices = train_frames(path, seed=seed, min_num_frames=8, max_num_frames=32, clip=clip)
+        assert indices == official(read_frames_decord, seed, n, FPS, 32, clip=clip, min_num_frames=8), seed
+        assert 8 <= len(indices) <= 32
+        assert [decoded_index(f) for f in out] == indices
+        if clip:
+            assert all(15 <= i < 45 for i in indices)
+
+
+def test_train_frames_of_a_folder_are_internvl_s(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, c in enumerate(PALETTE):
+        Image.new("RGB", (20, 16), c).save(folder / f"clip_{i:04d}.jpg", quality=100)  # *_N.jpg: InternVL's order
+    seen = set()
+    for seed in range(8):
+        out, indices = train_frames(folder, seed=seed, min_num_frames=4, max_num_frames=16)
+        assert indices == official(read_frames_folder, seed, len(PALETTE), 16, min_num_frames=4), seed
+        assert [colour_index_near(f) for f in out] == indices
+        seen.add(len(indices))
+    assert len(PALETTE) in seen and min(seen) < len(PALETTE)  # all 12 frames when the count reaches 12
+
+
+def colour_index_near(frame: Image.Image) -> int:
+    """The palette colour a JPEG-compressed solid frame shows."""
+    mean = np.asarray(frame, dtype=np.float64).reshape(-1, 3).mean(0)
+    return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in PALETTE]))
+
+
+def test_train_frames_are_reproducible_from_the_seed():
+    gif = Path(__file__).parents[2] / "examples" / "train" / "clip.gif"
+    runs = [train_frames(gif, seed=s, min_num_frames=2, max_num_frames=6)[1] for s in (5, 5, 6, 7, 8)]
+    assert runs[0] == runs[1] and len({tuple(r) for r in runs[1:]}) > 1

@@ -32,7 +32,9 @@ from internvit.model.vision import InternVisionModel
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-SPECIAL_TOKENS = [IMG_CONTEXT_TOKEN, IMG_START_TOKEN, IMG_END_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+# InternVL's order (`internvl_chat_pretrain.py` `token_list`): on a tokenizer of N tokens, <img> = N, </img> = N+1,
+# <IMG_CONTEXT> = N+2 (Qwen2.5: 151665, 151666, 151667)
+SPECIAL_TOKENS = [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
                   "</box>"]
 DEFAULT_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 IGNORE_INDEX = -100
@@ -53,19 +55,28 @@ def image_tokens(num_tiles: int, num_image_token: int = 256) -> str:
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_tiles) + IMG_END_TOKEN
 
 
-def add_special_tokens(tokenizer, llm: nn.Module | None = None) -> int:
-    """Add InternVL's tokens to a tokenizer (and grow the LLM's embeddings: new rows = the mean of the old ones,
-    as InternVL's training does, spec §6.1). Returns the id of `<IMG_CONTEXT>`."""
+def add_special_tokens(tokenizer, llm: nn.Module | None = None, *, shrink_embeddings: bool = True) -> int:
+    """Add InternVL's tokens to a tokenizer that lacks them and size the LLM's embeddings as InternVL's training does
+    (`internvl_chat_pretrain.py`, spec §6.1). Returns the id of `<IMG_CONTEXT>`.
+
+    When tokens were added: the embeddings are resized to `len(tokenizer)` (new rows get transformers' fresh init,
+    `_init_weights`, as in the transformers 4.37 InternVL pins), then the output rows of the added tokens are set to
+    the mean of the output rows before them. The input rows of an untied LLM keep their init; a tied LLM shares the
+    output rows. An LLM with more rows than the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens) is cut to
+    `len(tokenizer)`, as InternVL's released configs say (vocab_size 151,674); `shrink_embeddings=False` keeps its
+    rows (the added tokens then take over rows N.. of the padding) and only ever grows them.
+    """
     added = tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
     _sync_add_bos_token(tokenizer)
     if llm is not None and added:
-        old = llm.get_input_embeddings().weight.shape[0]
-        new = len(tokenizer)
-        if new > old:
-            llm.resize_token_embeddings(new, mean_resizing=False)
-            with torch.no_grad():
-                for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()} - {None}:
-                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+        rows = llm.get_input_embeddings().weight.shape[0]
+        target = len(tokenizer) if shrink_embeddings else max(rows, len(tokenizer))
+        if target != rows:
+            llm.resize_token_embeddings(target, mean_resizing=False)  # new rows: the model's _init_weights
+        first = len(tokenizer) - added  # the added tokens' ids: first .. len(tokenizer)-1
+        with torch.no_grad():
+            out = llm.get_output_embeddings().weight  # [rows, C]
+            out[first:len(tokenizer)] = out[:first].mean(0, keepdim=True)
     return tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
 
@@ -166,11 +177,15 @@ class InternVLChatModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokenizer, pixel_values: torch.Tensor | None, prompts: list[str], **generate_kwargs) -> list[str]:
-        """Batched generation from prompts that already contain their image tokens (left padding, as batch_chat)."""
+        """Batched generation from prompts that already contain their image tokens (left padding, as batch_chat).
+
+        The prompts are encoded as InternVL's `chat()` / `batch_chat()` encode them, with the tokenizer's special
+        tokens: an InternLM2 tokenizer puts its BOS first, as in training (`preprocess_internvl2_5`); Qwen2's adds
+        nothing."""
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
         device = self.language_model.get_input_embeddings().weight.device
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         embeds = self.embed(input_ids, None if pixel_values is None else pixel_values.to(device))

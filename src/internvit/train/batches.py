@@ -7,7 +7,8 @@ References (spec/internvit.md §6.4, §6.5; InternVL `train/dataset_packed.py` [
       2D attention mask is passed, which transformers' native LLMs turn into block-diagonal causal attention
       (sdpa, eager and flash-attention alike); each sample keeps its own loss weight.
     - the stream: a seeded permutation per epoch, process `rank` taking every `world`-th sample; its position and
-      the pending buffers are saved with a checkpoint.
+      the pending buffers are saved with a checkpoint. Samples are asked for as `dataset[(index, epoch)]`, so that
+      their random draws (video frames, JPEG qualities) are those of their epoch, also when loaded again.
 
 Differs from InternVL's packing: one seeded permutation of all samples per epoch instead of sampling datasets in
 proportion to their length (the same mix in expectation, and a position that can be saved); a sample is never
@@ -58,12 +59,12 @@ def collate_packed(packs: list[list[dict]], pad_token_id: int, reduction: str = 
 
 
 def index_stream(n: int, *, seed: int, rank: int = 0, world: int = 1, multiple: int = 1,
-                 start: int = 0) -> Iterator[int]:
+                 start: int = 0, with_epoch: bool = False) -> Iterator[int] | Iterator[tuple[int, int]]:
     """Dataset indices for one process, epoch after epoch, from item `start` of its stream on.
 
     Each epoch is a seeded permutation of all n samples; process `rank` takes every `world`-th, cut to a multiple of
     `multiple` so that every process sees the same number; one process with batch b and b processes with batch 1
-    thus see the same global batches.
+    thus see the same global batches. `with_epoch`: (index, epoch) pairs.
     """
     per_epoch = (n // (world * multiple)) * multiple
     if per_epoch == 0:
@@ -71,7 +72,8 @@ def index_stream(n: int, *, seed: int, rank: int = 0, world: int = 1, multiple: 
     epoch, k = divmod(start, per_epoch)
     while True:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        yield from perm[rank::world][k:per_epoch]
+        for index in perm[rank::world][k:per_epoch]:
+            yield (index, epoch) if with_epoch else index
         epoch, k = epoch + 1, 0
 
 
@@ -79,7 +81,8 @@ class Packer:
     """InternVL's greedy packing (spec §6.4) over (index, tokens, tiles) records; returns index lists of packs.
 
     Pending buffers are kept most tiles first; a new sample joins the first buffer with room for its tiles and its
-    tokens, else starts a buffer. The state is plain lists, saved with the training checkpoint.
+    tokens, else starts a buffer. An index is an int or an (index, epoch) pair. The state is plain lists, saved
+    with the training checkpoint.
     """
 
     def __init__(self, *, max_tokens: int = 16384, max_tiles: int = 48, max_buffers: int = 20) -> None:
@@ -114,7 +117,12 @@ class Packer:
         return {"buffers": [dict(b, indices=list(b["indices"])) for b in self.buffers]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffers = [dict(b, indices=list(b["indices"])) for b in state["buffers"]]
+        self.buffers = [dict(b, indices=[_key(k) for k in b["indices"]]) for b in state["buffers"]]
+
+
+def _key(k) -> int | tuple[int, int]:
+    """A sample key read back from JSON: [index, epoch] -> (index, epoch); an int stays."""
+    return tuple(k) if isinstance(k, list) else k
 
 
 class MicroBatches:
@@ -127,7 +135,7 @@ class MicroBatches:
     same batches.
 
     Args:
-        dataset: a `ConversationDataset` (anything indexable that returns its samples).
+        dataset: a `ConversationDataset` (anything with a length whose `dataset[(index, epoch)]` is a sample).
         batch_size: samples per micro-batch, or packs per micro-batch when `packer` is given.
         packer: pack samples (spec §6.4) with this `Packer`.
         threads: load (decode, tile, tokenize) this many samples at once, ahead of the training step, in the order
@@ -144,41 +152,42 @@ class MicroBatches:
         self.ready: list[list[int]] = []  # complete packs not yet handed out
         self._stream = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="internvit-data") if threads else None
-        self._ahead: deque[tuple[int, Future]] = deque()
+        self._ahead: deque[tuple[tuple[int, int], Future]] = deque()
         self._depth = 4 * threads
 
-    def _load(self, index: int) -> dict | Exception:
+    def _load(self, key: tuple[int, int]) -> dict | Exception:
         try:
-            return self.dataset[index]
+            return self.dataset[key]
         except ValueError as e:  # SampleError, and the tokenizer's or tiler's own
             return e
 
-    def _next_loaded(self) -> tuple[int, dict | Exception]:
+    def _next_loaded(self) -> tuple[tuple[int, int], dict | Exception]:
         if self._stream is None:
             self._stream = index_stream(len(self.dataset), seed=self.seed, rank=self.rank, world=self.world,
-                                        multiple=1 if self.packer else self.batch_size, start=self.consumed)
+                                        multiple=1 if self.packer else self.batch_size, start=self.consumed,
+                                        with_epoch=True)
             self._ahead.clear()
         self.consumed += 1
         if self._pool is None:
-            index = next(self._stream)
-            return index, self._load(index)
+            key = next(self._stream)
+            return key, self._load(key)
         while len(self._ahead) <= self._depth:
-            index = next(self._stream)
-            self._ahead.append((index, self._pool.submit(self._load, index)))
-        index, future = self._ahead.popleft()
-        return index, future.result()
+            key = next(self._stream)
+            self._ahead.append((key, self._pool.submit(self._load, key)))
+        key, future = self._ahead.popleft()
+        return key, future.result()
 
     def _next_sample(self) -> dict:
         for _ in range(len(self.dataset) + 1):
-            index, sample = self._next_loaded()
+            key, sample = self._next_loaded()
             if self.packer is not None and not isinstance(sample, Exception):
                 try:
-                    self.ready += self.packer.add(index, len(sample["input_ids"]), len(sample["pixel_values"]))
+                    self.ready += self.packer.add(key, len(sample["input_ids"]), len(sample["pixel_values"]))
                 except ValueError as e:  # more tokens or tiles than a pack holds
                     sample = e
             if not isinstance(sample, Exception):
                 return sample
-            self.on_skip(index, str(sample))
+            self.on_skip(key[0], str(sample))
         raise RuntimeError(f"{len(self.dataset) + 1} samples in a row could not be used; see the skipped samples")
 
     def __iter__(self):
@@ -209,6 +218,7 @@ class MicroBatches:
                 "packer": self.packer.state_dict() if self.packer else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed, self.ready, self._stream = state["consumed"], [list(p) for p in state["ready"]], None
+        self.consumed, self._stream = state["consumed"], None
+        self.ready = [[_key(k) for k in p] for p in state["ready"]]
         if self.packer is not None and state.get("packer"):
             self.packer.load_state_dict(state["packer"])

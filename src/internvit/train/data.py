@@ -9,7 +9,13 @@ References (spec/internvit.md §4, §6.2, §6.3; InternVL `train/dataset.py`, `i
     - `preprocess_internvl2_5`: each turn tokenized on its own; system and user turns ignored (-100); in assistant
       turns the `<|im_start|>assistant\\n` prefix and the final `\\n` ignored, so the loss covers the answer and
       `<|im_end|>`; truncation to `max_seq_length`, then a guard: a sample whose image tokens were cut is an error.
+    - video (`video_get_item`, `read_frames_*` with `sample='rand'`): 8 to 32 frames drawn at random per sample
+      (`min_num_frame`, `max_num_frame`), one random frame per segment (`internvit.preprocess.video.train_frames`),
+      each frame one tile, JPEG-augmented like an image tile when the dataset has `data_augment`.
     - JPEG augmentation: each tile re-encoded at a random quality in 75..100 before the resize (`data_augment`).
+
+Random draws (frames, JPEG qualities) are seeded per (seed, sample index, epoch): a sample loaded again (a pack
+leaving its buffer, a resumed run) gets the same frames; the next epoch draws new ones, as InternVL's do.
 
 Packing and the micro-batches a training process sees are in `internvit.train.batches`.
 """
@@ -23,6 +29,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -100,7 +107,7 @@ def media_count(sample: dict) -> tuple[list[str], str | None]:
 
 
 def preprocess_internvl2_5(conversations: list[dict], tokenizer, num_patches_list: list[int], *,
-                           num_image_token: int = 256, max_seq_length: int = 8192,
+                           num_image_token: int = 256, max_seq_length: int = 16384,
                            system: str = DEFAULT_SYSTEM, sample_id: str = "sample") -> dict:
     """Tokens and labels of one conversation (spec §6.3); `<image>` placeholders expanded in order."""
     turns = list(conversations)
@@ -160,46 +167,74 @@ class ConversationDataset(torch.utils.data.Dataset):
         specs: from `load_meta`.
         tokenizer: with InternVL's special tokens added (`internvit.model.chat.add_special_tokens`).
         max_tiles: default `max_dynamic_patch` for datasets that do not set one.
-        num_frames: frames per video sample.
-        seed: for the JPEG augmentation.
+        min_num_frame, max_num_frame: a video sample takes a random count of frames in this range (InternVL: 8, 32).
+        sampling_method: "rand" (a random frame per segment, InternVL's training) or "middle".
+        num_frames: a fixed frame count instead (sets both min_num_frame and max_num_frame).
+        seed: for the random draws (frames, JPEG qualities), with the sample's index and epoch.
+
+    `dataset[i]` is sample i as in epoch 0; `dataset[(i, epoch)]` as in that epoch (what training asks for).
     """
 
     def __init__(self, specs: list[DatasetSpec], tokenizer, *, max_tiles: int = 12, num_image_token: int = 256,
-                 max_seq_length: int = 8192, tile_size: int = 448, num_frames: int = 8, seed: int = 0) -> None:
+                 max_seq_length: int = 16384, tile_size: int = 448, min_num_frame: int = 8, max_num_frame: int = 32,
+                 sampling_method: str = "rand", num_frames: int | None = None, seed: int = 0) -> None:
         self.items = [(spec, s) for spec in specs for s in read_samples(spec)]
         if not self.items:
             raise ValueError("the meta JSON lists no samples")
+        if num_frames is not None:
+            min_num_frame = max_num_frame = num_frames
+        if not 1 <= min_num_frame <= max_num_frame:
+            raise ValueError(f"min_num_frame={min_num_frame}, max_num_frame={max_num_frame}: need "
+                             "1 <= min_num_frame <= max_num_frame")
+        if sampling_method not in ("rand", "middle"):
+            raise ValueError(f"sampling_method={sampling_method!r}: expected 'rand' or 'middle'")
         self.tokenizer = tokenizer
         self.max_tiles, self.num_image_token, self.max_seq_length = max_tiles, num_image_token, max_seq_length
-        self.tile_size, self.num_frames, self.seed = tile_size, num_frames, seed
+        self.tile_size, self.seed = tile_size, seed
+        self.min_num_frame, self.max_num_frame, self.sampling_method = min_num_frame, max_num_frame, sampling_method
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def seeds(self, i: int, epoch: int = 0) -> tuple[int, int]:
+        """The seeds of sample i's draws in `epoch`: (frames, JPEG qualities), from (seed, i, epoch)."""
+        frames, augment = np.random.SeedSequence([self.seed % 2**63, i, epoch]).generate_state(2)
+        return int(frames), int(augment)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         from internvit.features import tile_image
         from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_image, to_tensor_normalized
         from internvit.preprocess.tiling import dynamic_tiles, tile_budget
-        from internvit.preprocess.video import load_frames
+        from internvit.preprocess.video import train_frames
 
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         spec, sample = self.items[i]
         sid = f"{spec.name}[{sample.get('id', i)}]"
-        rng = random.Random(hash((self.seed, i)))
+        frame_seed, augment_seed = self.seeds(i, epoch)
+        rng = random.Random(augment_seed)
         images, video = media_count(sample)
+        if images and video is not None:  # InternVL would silently use the images and drop the video
+            raise SampleError(f"{sid}: has both \"image\" and \"video\"; a sample takes one kind of media")
+        if any(not p for p in images) or video == "":  # InternVL would train "image": "" as a pure-text sample
+            raise SampleError(f"{sid}: an empty image or video path")
         conversations = [dict(t) for t in sample["conversations"]]
         first_human = next((t for t in conversations if t["from"] == "human"), None)
         tiles: list[torch.Tensor] = []
         num_patches: list[int] = []
         try:
             if video is not None:
-                frames, _ = load_frames(os.path.join(spec.root, video), num_segments=self.num_frames,
-                                        bound=tuple(sample["clip"]) if sample.get("clip") else None)
+                frames, _ = train_frames(os.path.join(spec.root, video), seed=frame_seed,
+                                         min_num_frames=self.min_num_frame, max_num_frames=self.max_num_frame,
+                                         sample=self.sampling_method,
+                                         clip=tuple(sample["clip"]) if sample.get("clip") else None)
                 prefix = "".join(f"Frame-{k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(len(frames)))
                 if first_human is not None:
                     v = first_human["value"]
                     first_human["value"] = v.replace(VIDEO_PLACEHOLDER + "\n", prefix) if VIDEO_PLACEHOLDER in v \
                         else prefix + v
-                for f in frames:  # one squashed tile per frame, no tiling, no augmentation (spec §4)
+                for f in frames:  # one squashed tile per frame, no tiling (spec §4); InternVL's transform augments
+                    if spec.data_augment:  # frames as it does images (video_get_item: build_transform(is_train))
+                        f = jpeg_augment(f, rng)
                     tiles.append(tile_image(f, max_tiles=1, tile_size=self.tile_size).pixel_values)
                     num_patches.append(1)
             elif images:

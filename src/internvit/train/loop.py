@@ -1,9 +1,11 @@
 """The training loop: one process, or many under `torchrun` (DDP; gloo on CPU, NCCL on GPU).
 
 What a run folder holds: `train_config.json` (the resolved options), `log.jsonl` (step, loss, lr, tokens/s),
-`last/` (trainable weights, optimizer, scheduler, step, RNG: a killed run resumes from here at the same step and
-data position), and at the end `final/` (the InternVL chat checkpoint with its tokenizer) and `vision/` (the ViT
-alone, official InternViT layout).
+`last/` (a killed run resumes from here at the same step and data position), and at the end `final/` (the InternVL
+chat checkpoint with its tokenizer) and `vision/` (the ViT alone, official InternViT layout). `last/` holds
+`trainable.safetensors` (the trainable weights), `optimizer.pt` (the optimizer's tensors and settings, read back with
+`torch.load(weights_only=True)`: a run folder from elsewhere cannot run code on resume) and `state.json` (step,
+scheduler, each rank's data position and RNG state).
 
 The data order is a seeded permutation per epoch, split across ranks (rank::world_size); each rank's position in
 it (and its pending pack buffers) is saved with `last/`. Samples that cannot be used are skipped and listed in
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import nullcontext
@@ -96,6 +99,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay as InternVL's: its stage scripts pass a DeepSpeed config
+    with an `optimizer` block (`zero_stage1_config.json`), so transformers hands DeepSpeed every trainable tensor
+    in one group and all of them decay, biases, norm weights and the ViT's `ls1`/`ls2` included.
+    `weight_decay_1d=False` exempts the 1-D tensors instead (HF Trainer's own optimizer does so for biases and
+    norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage}: nothing to train")
+    if cfg.weight_decay_1d:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+
 def check_packed_attention(llm: torch.nn.Module) -> None:
     """Packing needs an LLM whose attention keeps the samples of a row apart when position ids restart (spec §6.4);
     transformers' native models do, remote code often does not. Compare two short sequences packed and apart."""
@@ -113,8 +133,8 @@ def check_packed_attention(llm: torch.nn.Module) -> None:
     err = (packed - alone).abs().max().item()
     if err > 1e-3 * max(1.0, alone.abs().max().item()):
         raise ValueError(f"pack=True needs block-diagonal attention, but {type(llm).__name__} lets packed samples see "
-                         f"each other (logits differ by {err:.3g}); train without packing or use an LLM that "
-                         "transformers implements natively")
+                         f"each other (logits differ by {err:.3g}); train without packing (--no-pack, pack=False) "
+                         "or use an LLM that transformers implements natively")
 
 
 def shard_model(model: InternVLChatModel) -> None:
@@ -147,7 +167,7 @@ def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state())]
+    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state().tolist())]  # JSON: plain lists
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, data_states[0])
@@ -162,13 +182,43 @@ def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "step": step, "data": data_states},
-               tmp / "state.pt")
+    torch.save(optim, tmp / "optimizer.pt")  # tensors, numbers, strings: loadable with weights_only=True
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": sched.state_dict(), "data": data_states}))
     old = run / ".last.old"
     if (run / "last").exists():
         os.replace(run / "last", old)
     os.replace(tmp, run / "last")  # the switch is one rename: a kill leaves either the old or the new state
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_last(last: Path) -> dict | None:
+    """`last/`'s state for a resume (None when there is none): `state.json` plus the optimizer from `optimizer.pt`.
+
+    The optimizer file is unpickled with `weights_only=True` (tensors and plain data only), so a run folder copied
+    from elsewhere cannot run code here; a file that holds anything else is refused, naming it. A `last/` written
+    before this layout (one `state.pt`) loads the same way."""
+    if (last / "state.json").exists():
+        files = (last / "optimizer.pt",)
+    elif (last / "state.pt").exists():  # the earlier layout: everything in one torch file
+        files = (last / "state.pt",)
+    else:
+        return None
+    try:
+        loaded = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), "")
+        raise ValueError(f"{files[0]}: refusing to resume from it: it holds objects other than tensors and plain "
+                         f"data, which could run code when loaded{f' ({why})' if why else ''}; resume only from run "
+                         "folders this program wrote, or delete last/ to start over") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{files[0]}: cannot read the resume state ({e})") from None
+    if files[0].name == "state.pt":
+        return loaded
+    try:
+        state = json.loads((last / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{last / 'state.json'}: cannot read the resume state ({e})") from None
+    return dict(state, optimizer=loaded)
 
 
 def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_dir: str | os.PathLike, *,
@@ -210,11 +260,10 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
                            packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip,
                            threads=cfg.data_threads)
-    state = None
-    if (run / "last" / "state.pt").exists():  # resume: the weights go in before any sharding
+    state = _load_last(run / "last")
+    if state is not None:  # resume: the weights go in before any sharding
         from safetensors.torch import load_file
 
-        state = torch.load(run / "last" / "state.pt", weights_only=False)
         if len(state["data"]) != world:
             raise ValueError(f"{run} was saved by {len(state['data'])} processes; resume it with as many")
         trained = load_file(str(run / "last" / "trainable.safetensors"))
@@ -225,12 +274,8 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         shard_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"stage {cfg.stage}: nothing to train")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases and norms
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    opt = build_optimizer(model, cfg)
+    params = [p for group in opt.param_groups for p in group["params"]]
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
     step = 0
@@ -241,7 +286,7 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         batches.load_state_dict(state["data"][rank])
-        torch.set_rng_state(state["data"][rank]["rng"])
+        torch.set_rng_state(torch.as_tensor(state["data"][rank]["rng"], dtype=torch.uint8))
     net = model
     if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -315,10 +360,12 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 
 
 def build_model(*, llm: str | None = None, vision: str | None = None, init: str | None = None,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, shrink_embeddings: bool = True):
     """(model, tokenizer): from an InternVL chat checkpoint (`init`), or from a Hugging Face causal LM plus an
-    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens). `trust_remote_code`
-    lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or from `init`."""
+    InternViT checkpoint (a fresh `mlp1`; the tokenizer gains InternVL's special tokens and the LLM's embeddings
+    are sized to it as InternVL does, see `add_special_tokens`; `shrink_embeddings=False` keeps extra rows).
+    `trust_remote_code` lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or
+    from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from internvit.model.chat import _dtype_kwarg, add_special_tokens
@@ -338,7 +385,8 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
             hf_logging.set_verbosity(verbosity)
         # the tokenizer is the authority on <IMG_CONTEXT> (InternVL's code asks it too); a tokenizer without
         # InternVL's tokens gains them here, and the LLM's embeddings grow with it
-        model.img_context_token_id = add_special_tokens(tokenizer, model.language_model)
+        model.img_context_token_id = add_special_tokens(tokenizer, model.language_model,
+                                                        shrink_embeddings=shrink_embeddings)
         return model, tokenizer
     if llm is None:
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
@@ -347,7 +395,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
     language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
                                                           **_dtype_kwarg(torch.float32))  # fp32 master weights
-    ctx = add_special_tokens(tokenizer, language_model)
+    ctx = add_special_tokens(tokenizer, language_model, shrink_embeddings=shrink_embeddings)
     vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
     projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
                                 llm_hidden_size=language_model.config.hidden_size)

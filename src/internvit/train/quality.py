@@ -5,8 +5,9 @@ Per sample of every dataset in a meta JSON:
     - `missing_media` / `unreadable_media`: an image or video that is absent or cannot be decoded;
     - `placeholder_mismatch`: the number of `<image>` placeholders differs from the number of images (a single
       image without a placeholder is fine: training prepends one), or `<image>` in a pure-text sample;
-    - `too_long`: text plus image tokens (tiles x 256, from the image size and the dataset's tile budget) over
-      `max_seq_length` (needs a tokenizer);
+    - `mixed_media` (both `image` and `video`) and `empty_media_path` (`"image": ""`), which training rejects;
+    - `too_long`: text plus image tokens (tiles x 256, from the image size and the dataset's tile budget; a video
+      at its most frames, up to `max_num_frame`) over `max_seq_length` (needs a tokenizer);
     - `repetitive`: an answer whose repeated 10-grams make up more than 40% of its 10-grams (InternVL's n-gram
       check; words, or characters for text without spaces);
     - `no_answer` (no `gpt` turn: nothing is supervised), `empty_answer`, `duplicate_answer` (the same answer twice
@@ -51,7 +52,7 @@ def repeated_ngram_fraction(text: str, n: int = 10) -> float:
 
 
 def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_length: int, max_tiles: int,
-                     num_image_token: int, repeat_threshold: float) -> list[str]:
+                     num_image_token: int, repeat_threshold: float, max_num_frame: int = 32) -> list[str]:
     from internvit.preprocess import ImageLoadError, open_image
     from internvit.preprocess.tiling import choose_grid, tile_budget
 
@@ -61,6 +62,10 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
         return ["bad_format"]
     problems = []
     images, video = media_count(sample)
+    if images and video is not None:
+        problems.append("mixed_media")
+    if any(not p for p in images) or video == "":
+        return sorted(set(problems + ["empty_media_path"]))
     human = "".join(t["value"] for t in conv if t["from"] == "human")
     n_placeholders = human.count(IMAGE_PLACEHOLDER)
     if video is not None:
@@ -71,7 +76,7 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
             problems.append("placeholder_mismatch")
     elif n_placeholders or VIDEO_PLACEHOLDER in human:
         problems.append("placeholder_mismatch")
-    tiles = 0
+    tiles = n_frames = 0
     budget = tile_budget(max(1, len(images)), spec.max_dynamic_patch or max_tiles)
     for rel in images + ([video] if video else []):
         path = os.path.join(spec.root, rel)
@@ -79,11 +84,13 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
             problems.append("missing_media")
             continue
         try:
-            if rel == video:
-                from internvit.preprocess.video import load_frames
+            if rel == video:  # the most frames training can draw: max_num_frame, or all of a shorter GIF/folder
+                from internvit.preprocess.video import train_frames
 
-                frames, _ = load_frames(path, num_segments=8)
-                tiles += len(frames)
+                frames, _ = train_frames(path, seed=0, min_num_frames=max_num_frame, max_num_frames=max_num_frame,
+                                         sample="middle")
+                n_frames = len(frames)
+                tiles += n_frames
             else:
                 w, h = open_image(path).size
                 grid = choose_grid(w, h, max_tiles=budget)
@@ -102,14 +109,14 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
     if tokenizer is not None:
         text = "".join(t["value"] for t in conv)
         n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids) + 5 * len(conv) + 32
-        n_tokens += tiles * num_image_token + 2 * (len(images) + (8 if video else 0))
+        n_tokens += tiles * num_image_token + 2 * (len(images) + n_frames)
         if n_tokens > max_seq_length:
             problems.append("too_long")
     return sorted(set(problems))
 
 
-def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 8192, max_tiles: int = 12,
-               num_image_token: int = 256, repeat_threshold: float = 0.4,
+def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 16384, max_tiles: int = 12,
+               num_image_token: int = 256, repeat_threshold: float = 0.4, max_num_frame: int = 32,
                fix: str | os.PathLike | None = None) -> list[DatasetReport]:
     """Check every dataset of a meta JSON; with `fix`, write the filtered datasets, a meta JSON and a report."""
     reports = []
@@ -132,7 +139,7 @@ def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int =
                 if not problems:
                     problems = _sample_problems(sample, spec, tokenizer=tokenizer, max_seq_length=max_seq_length,
                                                 max_tiles=max_tiles, num_image_token=num_image_token,
-                                                repeat_threshold=repeat_threshold)
+                                                repeat_threshold=repeat_threshold, max_num_frame=max_num_frame)
                 key = json.dumps(sample, sort_keys=True)
                 if key in seen and "bad_json" not in problems:
                     problems.append("duplicate_sample")
