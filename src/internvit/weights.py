@@ -258,6 +258,26 @@ def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     return ok
 
 
+def hub_kwargs(name_or_path: str | os.PathLike) -> dict:
+    """Keyword arguments for transformers' `from_pretrained(name_or_path, ...)`: `local_files_only=True` when the
+    name is not a local path and the Hub does not answer (`hub_reachable`), so that a machine without a route to
+    the Hub fails in seconds instead of retrying for minutes."""
+    if os.path.exists(os.path.expanduser(os.fspath(name_or_path))) or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def offline_error(name: str, what: str, error: Exception) -> CheckpointError:
+    """The error for a Hub id that is neither cached nor reachable, with what to do."""
+    from huggingface_hub import constants
+
+    why = ("HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else
+           f"the Hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_SECONDS:.0f} s")
+    return CheckpointError(f"{what} {name}: not in the Hugging Face cache, and {why} ({str(error).splitlines()[0]}). "
+                           f"Download it where the Hub is reachable (`hf download {name} --local-dir DIR`) and pass "
+                           "the local folder; set HF_HUB_OFFLINE=1 to skip the Hub at once.")
+
+
 def _resolve_hub(repo_id: str, revision: str | None, cache_dir: str | None,
                  prefixes: tuple[str, ...] | None = None) -> Checkpoint:
     try:

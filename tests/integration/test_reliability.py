@@ -348,19 +348,23 @@ def silent_endpoint():
     server.close()
 
 
-@pytest.mark.parametrize("what", ["model", "projector"])
+@pytest.mark.parametrize("what", ["model", "projector", "llm"])
 def test_unreachable_hub_fails_fast(what, ckpt, photos, tmp_path, silent_endpoint):
     env = {"HF_ENDPOINT": silent_endpoint, "HF_HOME": str(tmp_path / "hf")}
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "HF_HUB_OFFLINE"}
-    args = ["extract", str(photos), "--out", str(tmp_path / "f.parquet"), "--quiet", "--workers", "0"]
-    args += (["--model", "OpenGVLab/InternViT-300M-448px-V2_5"] if what == "model" else
-             ["--model", str(ckpt), "--projector", "OpenGVLab/InternVL2_5-1B"])
+    extract = ["extract", str(photos), "--out", str(tmp_path / "f.parquet"), "--quiet", "--workers", "0"]
+    args = {
+        "model": extract + ["--model", "OpenGVLab/InternViT-300M-448px-V2_5"],
+        "projector": extract + ["--model", str(ckpt), "--projector", "OpenGVLab/InternVL2_5-1B"],
+        "llm": ["train", "--stage", "1", "--meta", str(Path(__file__).parents[2] / "examples/train/meta.json"),
+                "--llm", "Qwen/Qwen2.5-0.5B-Instruct", "--vision", str(ckpt), "--out", str(tmp_path / "run")],
+    }[what]
     start = time.monotonic()
     proc = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120, env=env)
     seconds = time.monotonic() - start
     print(f"[offline] unreachable Hub, --{what}: exit {proc.returncode} after {seconds:.1f} s")
     assert proc.returncode == 2
-    line = one_line_error(proc.stderr)
+    line = one_line_error(proc.stderr, args[0])
     assert "did not answer within 5 s" in line and "HF_HUB_OFFLINE=1" in line and "local folder" in line
     assert seconds < 30
 

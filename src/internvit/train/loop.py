@@ -371,7 +371,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     from internvit.model.chat import _dtype_kwarg, add_special_tokens
     from internvit.model.projector import ProjectorConfig
     from internvit.registry import DEFAULT_MODEL
-    from internvit.weights import from_pretrained
+    from internvit.weights import from_pretrained, hub_kwargs, offline_error
 
     if init is not None:
         model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
@@ -379,8 +379,11 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # it reads config.json, whose model_type internvl_chat it does not know
+        offline = hub_kwargs(init)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code, **offline)
+        except OSError as e:
+            raise (offline_error(init, "--init", e) if offline else e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         # the tokenizer is the authority on <IMG_CONTEXT> (InternVL's code asks it too); a tokenizer without
@@ -392,9 +395,13 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
         raise ValueError("pass --llm (a Hugging Face causal LM) or --init (an InternVL chat checkpoint)")
     if llm.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(llm)):
         raise ValueError(f"--llm {llm}: no such folder (a local LLM is a folder with config.json and weights)")
-    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
-    language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code,
-                                                          **_dtype_kwarg(torch.float32))  # fp32 master weights
+    offline = hub_kwargs(llm)  # a Hub id without a route to the Hub: the cache only, at once
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code, **offline)
+        language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code, **offline,
+                                                              **_dtype_kwarg(torch.float32))  # fp32 master weights
+    except OSError as e:
+        raise (offline_error(llm, "--llm", e) if offline else e) from None
     ctx = add_special_tokens(tokenizer, language_model, shrink_embeddings=shrink_embeddings)
     vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
     projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
