@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import internvit
-from conftest import randomize_, random_official_state_dict, save_safetensors
+from helpers import randomize_, random_official_state_dict, save_safetensors
 from internvit.features import TiledFeatures, TiledImage, encode_images, encode_tiles, tile_image, visual_tokens
 from internvit.model.projector import Projector, ProjectorConfig, load_projector, pixel_unshuffle, unshuffle_tokens
 from internvit.preprocess.tiling import TileLayout
@@ -174,7 +174,7 @@ def hf():
         downsample_ratio=0.5, vision_feature_layer=-1,
     )
     model = transformers.InternVLModel(config).eval()
-    randomize_(model, seed=7)  # layer scales in [0.5, 1.5], norms ~1, nonzero biases (tests/conftest.py)
+    randomize_(model, seed=7)  # layer scales in [0.5, 1.5], norms ~1, nonzero biases (tests/helpers.py)
     return model
 
 

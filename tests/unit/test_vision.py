@@ -13,66 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_official_state_dict
+from helpers import random_official_state_dict, reference_embeddings, reference_forward
 from internvit import PRESETS, InternVisionConfig, InternVisionModel
 
 pytestmark = pytest.mark.unit
 
 TINY_6B = PRESETS["tiny"].replace(qkv_bias=False, qk_normalization=True, norm_type="rms_norm")
-
-
-# ---- the spec's forward pass, written in the test ---------------------------------------------------
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # spec §2.5.4: normalise in fp32, cast back to the input dtype, then multiply by the weight
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def reference_embeddings(sd: dict, cfg: InternVisionConfig, pixels: torch.Tensor) -> torch.Tensor:
-    C, g = cfg.hidden_size, cfg.image_size // cfg.patch_size
-    patches = F.conv2d(pixels, sd["embeddings.patch_embedding.weight"], sd["embeddings.patch_embedding.bias"],
-                       stride=cfg.patch_size)
-    B, _, h, w = patches.shape
-    tokens = patches.flatten(2).transpose(1, 2)
-    pos = sd["embeddings.position_embedding"]
-    grid = pos[:, 1:].float().reshape(1, g, g, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-    patch_pos = grid.reshape(1, C, h * w).permute(0, 2, 1).to(pos.dtype)
-    x = torch.cat([sd["embeddings.class_embedding"].expand(B, 1, C), tokens], dim=1)
-    return x + torch.cat([pos[:, :1], patch_pos], dim=1)
-
-
-def reference_forward(sd: dict, cfg: InternVisionConfig, pixels: torch.Tensor) -> list[torch.Tensor]:
-    """Embedding output, then every layer's output (spec §2.4)."""
-    C, H = cfg.hidden_size, cfg.num_attention_heads
-    D, eps = C // H, cfg.layer_norm_eps
-
-    def norm(t, key):
-        if cfg.norm_type == "layer_norm":
-            return F.layer_norm(t, (C,), sd[key + ".weight"], sd[key + ".bias"], eps)
-        return rms_norm(t, sd[key + ".weight"], eps)
-
-    x = reference_embeddings(sd, cfg, pixels)
-    states = [x]
-    for i in range(cfg.num_hidden_layers):
-        p = f"encoder.layers.{i}."
-        B, N, _ = x.shape
-        qkv = F.linear(norm(x, p + "norm1"), sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"))
-        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
-        if cfg.qk_normalization:  # over the full width H*D, before the heads split
-            q = rms_norm(q.transpose(1, 2).flatten(2), sd[p + "attn.q_norm.weight"], eps)
-            k = rms_norm(k.transpose(1, 2).flatten(2), sd[p + "attn.k_norm.weight"], eps)
-            q, k = (t.reshape(B, N, H, D).transpose(1, 2) for t in (q, k))
-        attn = ((q * D**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        o = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        x = x + F.linear(o, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"]) * sd[p + "ls1"]
-        h = F.gelu(F.linear(norm(x, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
-        x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"]) * sd[p + "ls2"]
-        states.append(x)
-    return states
 
 
 def build(cfg: InternVisionConfig, seed: int = 1, **kwargs) -> tuple[InternVisionModel, dict]:

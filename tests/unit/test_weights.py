@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import internvit
-from conftest import (
+from helpers import (
     official_config_300m,
     official_shapes,
     random_official_state_dict,
