@@ -152,12 +152,14 @@ def out_448x672(small, pixels_448x672):
 # ---- weights ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_official_config_and_size(ours):
     assert sum(p.numel() for p in ours.parameters()) == 304_012_288
     assert ours.config.extra["architectures"] == ["InternVisionModel"]
     assert (ours.config.hidden_size, ours.config.num_hidden_layers, ours.config.num_attention_heads) == (1024, 24, 16)
 
 
+@pytest.mark.slow
 def test_timm_layout_file_loads_the_same_tensors(random_300m, ours):
     from_timm = internvit.from_pretrained(random_300m.timm_file, dtype="fp32")  # no config.json next to it
     assert from_timm.config.num_attention_heads == 16 and from_timm.config.image_size == 448
@@ -171,23 +173,27 @@ def test_timm_layout_file_loads_the_same_tensors(random_300m, ours):
 # ---- fp32 at 448 x 448, batch 2 --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp32_448_shapes(out_448):
     assert out_448["ours"].last_hidden_state.shape == (2, 1025, 1024)
     assert out_448["timm"].shape == out_448["hf"].shape == (2, 1025, 1024)
 
 
+@pytest.mark.slow
 def test_fp32_448_vs_timm(out_448):
     diff = max_abs(out_448["ours"].last_hidden_state, out_448["timm"])
     report("fp32 448x448 ours vs timm max abs", diff)
     assert diff <= FP32_ATOL
 
 
+@pytest.mark.slow
 def test_fp32_448_vs_transformers(out_448):
     diff = max_abs(out_448["ours"].last_hidden_state, out_448["hf"])
     report("fp32 448x448 ours vs transformers max abs", diff)
     assert diff <= FP32_ATOL
 
 
+@pytest.mark.slow
 def test_pooler_output_is_timm_cls_token(out_448):
     diff = max_abs(out_448["ours"].pooler_output, out_448["timm_cls"])
     report("fp32 448x448 pooler_output vs timm CLS max abs", diff)
@@ -195,6 +201,7 @@ def test_pooler_output_is_timm_cls_token(out_448):
     assert diff <= FP32_ATOL
 
 
+@pytest.mark.slow
 def test_outputs_are_not_trivial(out_448):
     # random weights that reach the output: the samples differ and the activations are O(1) or larger
     y = out_448["ours"].last_hidden_state
@@ -250,6 +257,7 @@ def out_bf16(random_300m, timm_model, hf_model, pixels_448, out_448):
     return out
 
 
+@pytest.mark.slow
 def test_bf16_vs_timm(out_bf16):
     assert out_bf16["ours"].dtype == out_bf16["timm"].dtype == torch.bfloat16
     cos = cosines(out_bf16["ours"], out_bf16["timm"])
@@ -257,12 +265,14 @@ def test_bf16_vs_timm(out_bf16):
     assert (cos >= BF16_MIN_COSINE).all(), cos
 
 
+@pytest.mark.slow
 def test_bf16_vs_transformers(out_bf16):
     cos = cosines(out_bf16["ours"], out_bf16["hf"])
     report("bf16 448x448 ours vs transformers bf16 min cosine", cos.min().item())
     assert (cos >= BF16_MIN_COSINE).all(), cos
 
 
+@pytest.mark.slow
 def test_bf16_vs_fp32_reference(out_bf16):
     # for scale: how far bf16 itself moves each implementation from the fp32 function
     ours = cosines(out_bf16["ours"], out_bf16["timm_fp32"])
