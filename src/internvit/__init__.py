@@ -12,7 +12,7 @@ from internvit.config import PRESETS as PRESETS
 from internvit.config import InternVisionConfig as InternVisionConfig
 from internvit.model.vision import InternVisionModel as InternVisionModel
 from internvit.model.vision import InternVisionOutput as InternVisionOutput
-from internvit.weights import CheckpointError as CheckpointError
+from internvit.checkpoint import CheckpointError as CheckpointError
 from internvit.weights import from_pretrained as from_pretrained
 
 __version__ = "0.1.0"

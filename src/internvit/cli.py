@@ -228,7 +228,7 @@ def _terminate(signum, frame) -> None:
 def _one_line(e: BaseException) -> str:
     """The error as one line; library errors already read as sentences, anything else is named by its type."""
     from internvit.extract.store import OutputLockedError, OutputMismatchError
-    from internvit.weights import CheckpointError
+    from internvit.checkpoint import CheckpointError
 
     text = " ".join(str(e).split()) or e.__class__.__name__
     if isinstance(e, (CheckpointError, OutputMismatchError, OutputLockedError, ValueError, OSError)):

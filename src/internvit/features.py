@@ -17,43 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from internvit.model.projector import Projector, unshuffle_tokens
 from internvit.model.vision import InternVisionModel
-from internvit.preprocess.image import ImageSource, open_image
-from internvit.preprocess.tiling import TileLayout, dynamic_tiles, tile_budget
-from internvit.preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
-
-
-@dataclass
-class TiledImage:
-    """An image cut into normalized tiles, ready for the encoder: `pixel_values` [T, 3, S, S] and its layout."""
-
-    pixel_values: torch.Tensor
-    layout: TileLayout
-
-
-def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True,
-               tile_size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> TiledImage:
-    """InternVL's `load_image`: dynamic tiles (+ thumbnail), each normalized as `build_transform` does.
-
-    The tiles are already tile_size square, so `build_transform`'s resize is the identity (Pillow returns a copy
-    for a same-size resize) and only the normalization remains.
-    """
-    rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else open_image(image)
-    tiles, layout = dynamic_tiles(rgb, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
-                                  use_thumbnail=use_thumbnail)
-    return TiledImage(torch.stack([to_tensor_normalized(t, mean, std) for t in tiles]), layout)
-
-
-def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles: int = 12,
-                use_thumbnail: bool = True, share_budget: bool = False, tile_size: int = 448) -> list[TiledImage]:
-    """Tile several images. With `share_budget` (InternVL's multi-image training) each image gets
-    `max(1, max_tiles // len(images))` tiles; the model card's chat inference tiles each image on its own."""
-    per_image = tile_budget(len(images), max_tiles) if share_budget else max_tiles
-    return [tile_image(im, min_tiles=min_tiles, max_tiles=per_image, use_thumbnail=use_thumbnail,
-                       tile_size=tile_size) for im in images]
+from internvit.preprocess.image import ImageSource
+from internvit.preprocess.tiling import TiledImage, TileLayout, tile_image, tile_images  # noqa: F401 - re-exported
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ import torch
 from internvit.extract.sources import expand_sources
 from internvit.extract.store import FeatureStore, feature_schema, output_lock
 from internvit.registry import DEFAULT_MODEL
-from internvit.weights import state_dict_fingerprint
+from internvit.checkpoint import state_dict_fingerprint
 
 TILE_MODES = ("none", "dynamic")
 

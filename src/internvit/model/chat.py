@@ -25,9 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvit._fileio import atomic_write
+from internvit.checkpoint import CheckpointError, parse_dtype, read_state_dict, resolve, save_pretrained
 from internvit.config import InternVisionConfig
 from internvit.model.projector import ProjectorConfig, unshuffle_tokens
 from internvit.model.vision import InternVisionModel
+from internvit.preprocess.tiling import tile_image
 
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
@@ -204,8 +207,6 @@ class InternVLChatModel(nn.Module):
 
     def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, max_tiles: int = 12,
                    system: str = DEFAULT_SYSTEM, **generate_kwargs) -> list[str]:
-        from internvit.features import tile_image
-
         prompts, pixels = [], []
         for images, question in zip(images_per_sample, questions):
             images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
@@ -265,7 +266,6 @@ class InternVLChatModel(nn.Module):
         `state_dict`: the weights to write instead of `self.state_dict()` (under FSDP, the gathered full one)."""
         from safetensors.torch import save_file
 
-        from internvit._fileio import atomic_write
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -305,14 +305,13 @@ class InternVLChatModel(nn.Module):
         """Load a chat checkpoint written by `save_pretrained`, or InternVL's own.
 
         Args:
-            path: folder, weight file, Hub repo id (see `internvit.weights.resolve`).
+            path: folder, weight file, Hub repo id (see `internvit.checkpoint.resolve`).
             dtype: cast the loaded model (fp32, bf16, fp16).
             trust_remote_code: allow an LLM that is not a transformers architecture to run the code that the
                 checkpoint carries for it (`llm_config.auto_map`, e.g. InternLM2.5's `modeling_internlm2.py`).
             img_context_token_id: the id of `<IMG_CONTEXT>`; by default from config.json (ours) or from the
                 tokenizer files next to it (InternVL's configs do not store it: its code asks the tokenizer).
         """
-        from internvit.weights import parse_dtype, read_state_dict, resolve
 
         ckpt = resolve(path, prefixes=("vision_model.", "mlp1.", "language_model."))
         cfg = json.loads(ckpt.config_path.read_text())
@@ -335,7 +334,6 @@ class InternVLChatModel(nn.Module):
         tied = getattr(llm.config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
         if missing or unexpected:
-            from internvit.weights import CheckpointError
 
             raise CheckpointError(f"{path}: chat checkpoint mismatch; missing {missing[:10]}, unexpected {unexpected[:10]}")
         return model.eval()  # no .to(target): it would round the LLM's fp32 rotary inv_freq buffer to bf16
@@ -344,7 +342,6 @@ class InternVLChatModel(nn.Module):
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the (trained) ViT alone in the official InternViT layout, loadable by `internvit.from_pretrained`;
         `state_dict` (keys without `vision_model.`) replaces the module's own, as in `save_pretrained`."""
-        from internvit.weights import save_pretrained
 
         return save_pretrained(state_dict or self.vision_model.state_dict(), self.vision_model.config, out_dir,
                                dtype=dtype)
@@ -357,7 +354,6 @@ def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool, dtype: torch.
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from internvit.weights import CheckpointError
 
     llm_cfg = dict(llm_config)
     model_type = llm_cfg.pop("model_type")
@@ -399,7 +395,6 @@ def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool, dtype: torch.
 def _img_context_token_id(ckpt) -> int:
     """`<IMG_CONTEXT>`'s id from the tokenizer files beside config.json (tokenizer.json, tokenizer_config.json or
     added_tokens.json), without loading a tokenizer."""
-    from internvit.weights import CheckpointError
 
     folder = ckpt.config_path.parent
     found: dict[str, int] = {}

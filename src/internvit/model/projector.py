@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from internvit.checkpoint import CheckpointError, parse_dtype, read_state_dict, resolve
+
 
 def pixel_unshuffle(x_ThwC: torch.Tensor, scale_factor: float = 0.5, *, version: str = "v2") -> torch.Tensor:
     """InternVL's `pixel_shuffle(x, 0.5)`: merge each 2x2 block of tokens into one token of 4x the width.
@@ -107,8 +109,6 @@ class Projector(nn.Module):
 
 def load_projector(name_or_path: str | os.PathLike, *, dtype=None, device=None, revision: str | None = None) -> Projector:
     """The `mlp1` projector of an InternVL chat checkpoint (local folder or Hub repo id), with its config."""
-    from internvit.weights import CheckpointError, parse_dtype, read_state_dict, resolve
-
     ckpt = resolve(name_or_path, revision=revision, prefixes=("mlp1.",))
     if ckpt.config_path is None:
         raise CheckpointError(f"{ckpt.source}: no config.json, so the projector's sizes are unknown")

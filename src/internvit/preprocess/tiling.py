@@ -15,10 +15,15 @@ InternVL takes 4x1, transformers 2x2); we follow InternVL, because that is what 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
 from PIL import Image
+
+from .image import ImageSource, open_image
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
 
 TILE_SIZE = 448
 # InternVL uses up to 12 tiles (40 at most in its evaluations). The grid search is cubic in the budget and an
@@ -125,3 +130,33 @@ def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12
     if thumbnail:
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     return tiles, TileLayout((width, height), (cols, rows), tuple(boxes), thumbnail, tile_size)
+
+
+@dataclass
+class TiledImage:
+    """An image cut into normalized tiles, ready for the encoder: `pixel_values` [T, 3, S, S] and its layout."""
+
+    pixel_values: torch.Tensor
+    layout: TileLayout
+
+
+def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True,
+               tile_size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> TiledImage:
+    """InternVL's `load_image`: dynamic tiles (+ thumbnail), each normalized as `build_transform` does.
+
+    The tiles are already tile_size square, so `build_transform`'s resize is the identity (Pillow returns a copy
+    for a same-size resize) and only the normalization remains.
+    """
+    rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else open_image(image)
+    tiles, layout = dynamic_tiles(rgb, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
+                                  use_thumbnail=use_thumbnail)
+    return TiledImage(torch.stack([to_tensor_normalized(t, mean, std) for t in tiles]), layout)
+
+
+def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles: int = 12,
+                use_thumbnail: bool = True, share_budget: bool = False, tile_size: int = 448) -> list[TiledImage]:
+    """Tile several images. With `share_budget` (InternVL's multi-image training) each image gets
+    `max(1, max_tiles // len(images))` tiles; the model card's chat inference tiles each image on its own."""
+    per_image = tile_budget(len(images), max_tiles) if share_budget else max_tiles
+    return [tile_image(im, min_tiles=min_tiles, max_tiles=per_image, use_thumbnail=use_thumbnail,
+                       tile_size=tile_size) for im in images]
