@@ -33,6 +33,17 @@ def _load_keys_script():
 official_shapes = _load_keys_script().official_shapes
 
 
+def _load_example(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The worked example's tiny Qwen2 + BPE tokenizer builder (examples/train/make_tiny_llm.py), not shipped in the package.
+build_tiny_llm = _load_example(Path(__file__).parents[1] / "examples" / "train" / "make_tiny_llm.py").build_tiny_llm
+
+
 # ---- random weights ---------------------------------------------------------------------------------
 
 _LAYER_SCALE = re.compile(r"(^|\.)(ls[12]|ls[12]\.gamma|lambda_[12])$")  # ours/official, timm, transformers

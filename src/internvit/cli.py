@@ -13,7 +13,7 @@ import signal
 import sys
 
 from internvit import __version__
-from internvit.registry import DEFAULT_MODEL, REGISTRY
+from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL, REGISTRY
 
 SHOWN_ERRORS = 10  # failed inputs listed at the end of `extract`
 
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="none: the model card's CLIP preprocessing, one 448 tile (default); dynamic: InternVL 2.5 "
                    "tiles (1..--max-tiles by aspect ratio) plus a thumbnail")
-    p.add_argument("--max-tiles", type=_tile_budget, default=12,
-                   help="tile budget per image with --tiles dynamic, at most 128 (default: 12)")
+    p.add_argument("--max-tiles", type=_tile_budget, default=DEFAULT_MAX_TILES,
+                   help="tile budget per image with --tiles dynamic, at most 128 (default: %(default)s)")
     p.add_argument("--frames", type=_positive, default=8, help="frames sampled per video (default: 8)")
     p.add_argument("--layers", type=_layers, default=(),
                    help="also pool these layers (0 = embeddings, 24 = last, -1 = last): columns cls_lI, mean_lI")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code (InternLM2.5)")
     p.add_argument("--max-seq-length", type=_positive, default=16384)
-    p.add_argument("--max-tiles", type=_positive, default=12)
+    p.add_argument("--max-tiles", type=_tile_budget, default=DEFAULT_MAX_TILES)
 
     p = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI-compatible /v1/embeddings, /v1/features)",
                        description="An HTTP service on FastAPI + uvicorn (pip install 'internvit[serve]'): "
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="preprocessing, as `internvit extract --tiles` (default: none)")
-    p.add_argument("--max-tiles", type=_tile_budget, default=12, help="tile budget with --tiles dynamic (default: 12)")
+    p.add_argument("--max-tiles", type=_tile_budget, default=DEFAULT_MAX_TILES, help="tile budget with --tiles dynamic (default: 12)")
     p.add_argument("--max-batch-tiles", type=_positive, default=16,
                    help="most tiles per forward, across requests (default: 16)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,

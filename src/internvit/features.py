@@ -22,6 +22,7 @@ from internvit.model.projector import Projector, unshuffle_tokens
 from internvit.model.vision import InternVisionModel
 from internvit.preprocess.image import ImageSource
 from internvit.preprocess.tiling import TiledImage, TileLayout, tile_image, tile_images  # noqa: F401 - re-exported
+from internvit.registry import DEFAULT_MAX_TILES
 
 
 @torch.inference_mode()
@@ -98,7 +99,7 @@ def stitch_tiles(patch_tokens_ThwC: torch.Tensor, grid: tuple[int, int]) -> torc
 
 
 def encode_images(model: InternVisionModel, images: Sequence[ImageSource | TiledImage], *, min_tiles: int = 1,
-                  max_tiles: int = 12, use_thumbnail: bool = True, share_budget: bool = False, micro_batch: int = 8,
+                  max_tiles: int = DEFAULT_MAX_TILES, use_thumbnail: bool = True, share_budget: bool = False, micro_batch: int = 8,
                   layer: int = -1) -> list[TiledFeatures]:
     """Tile images (or take pre-tiled ones) and encode all their tiles together.
 
@@ -117,7 +118,7 @@ def encode_images(model: InternVisionModel, images: Sequence[ImageSource | Tiled
 
 
 def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | TiledImage], *,
-                  projector: Projector | None = None, min_tiles: int = 1, max_tiles: int = 12,
+                  projector: Projector | None = None, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
                   use_thumbnail: bool = True, share_budget: bool = False, micro_batch: int = 8,
                   select_layer: int | None = None, downsample_ratio: float = 0.5,
                   ps_version: str = "v2") -> tuple[torch.Tensor, list[int]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "OpenGVLab/InternViT-300M-448px-V2_5"
+DEFAULT_MAX_TILES = 12  # the model card's dynamic tiling budget (spec §4)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainedEntry:
     repo_id: str
     revision: str = "main"
-    max_tiles: int = 12  # dynamic tiling budget of the model card (spec §4)
     description: str = ""
 
 

@@ -44,7 +44,7 @@ from internvit.extract.local import (
     check_options,
     normalize_layers,
 )
-from internvit.registry import DEFAULT_MODEL
+from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`) at run time.
 
@@ -60,7 +60,7 @@ class ServeOptions:
     dtype: str = "bf16"
     device: str | None = None
     tiles: str = "none"
-    max_tiles: int = 12
+    max_tiles: int = DEFAULT_MAX_TILES
     max_batch_tiles: int = 16
     max_wait_ms: float = 10.0
     max_queue: int = 64

@@ -76,7 +76,7 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
 
 def test_data_check_length_budget_with_a_tokenizer(tmp_path):
     pytest.importorskip("transformers")
-    from internvit.train.tiny import build_tiny_llm
+    from helpers import build_tiny_llm
 
     _, tok = build_tiny_llm(None, ["What colour is it? It is red."] * 20)
     Image.new("RGB", (1792, 1344), (0, 0, 200)).save(tmp_path / "big.jpg")  # 4x3 grid + thumbnail = 13 tiles

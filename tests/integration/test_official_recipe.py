@@ -2,7 +2,7 @@
 
 Each test writes the official behaviour out from InternVL's code (OpenGVLab/InternVL at 2410d1d, `internvl_chat/`;
 file and lines cited at each transcription) and compares ours with it on a tokenizer and tiny LLM built here (the
-byte-level BPE and 2-layer Qwen2 of `internvit.train.tiny`; nothing is downloaded).
+byte-level BPE and 2-layer Qwen2 of `examples/train/make_tiny_llm.py`; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def tiny_llm(texts, *, tied: bool = True, extra_rows: int = 0, seed: int = 0):
     does (151,936 rows for 151,665 tokens)."""
     from transformers import Qwen2ForCausalLM
 
-    from internvit.train.tiny import build_tiny_llm
+    from helpers import build_tiny_llm
 
     llm, tok = build_tiny_llm(None, texts, vocab_size=300, seed=seed)
     if not tied or extra_rows:
@@ -61,7 +61,8 @@ def official_add_tokens(tokenizer, language_model) -> int:
 
 
 def test_special_tokens_take_internvl_s_ids(texts):
-    from internvit.model.chat import SPECIAL_TOKENS, add_special_tokens
+    from internvit.model.llm import add_special_tokens
+    from internvit.model.template import SPECIAL_TOKENS
 
     _, ours = tiny_llm(texts)
     llm, theirs = tiny_llm(texts)
@@ -79,7 +80,7 @@ def test_special_tokens_take_internvl_s_ids(texts):
 def test_embedding_resize_equals_internvl_s(texts, tied, extra_rows):
     """Resized to len(tokenizer) (a Qwen2.5-like padded vocabulary shrinks), the new output rows the mean of the old
     ones, the new input rows of an untied LLM transformers' fresh init: the same tensors as InternVL's code."""
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.llm import add_special_tokens
 
     ours_llm, ours_tok = tiny_llm(texts, tied=tied, extra_rows=extra_rows)
     theirs_llm, theirs_tok = tiny_llm(texts, tied=tied, extra_rows=extra_rows)
@@ -102,7 +103,7 @@ def test_embedding_resize_equals_internvl_s(texts, tied, extra_rows):
 
 def test_shrink_embeddings_false_keeps_a_padded_vocabulary(texts):
     """The option for users who keep Qwen2.5's padded rows: no shrink, the added tokens' output rows the mean."""
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.llm import add_special_tokens
 
     llm, tok = tiny_llm(texts, tied=False, extra_rows=16)
     n = len(tok)
@@ -157,7 +158,9 @@ def official_batch_chat_inputs(tokenizer, questions: list[str], num_patches_list
 
 def test_chat_keeps_the_bos_of_an_internlm_style_tokenizer(texts, monkeypatch):
     import internvit
-    from internvit.model.chat import DEFAULT_SYSTEM, InternVLChatModel, add_special_tokens
+    from internvit.model.chat import InternVLChatModel
+    from internvit.model.llm import add_special_tokens
+    from internvit.model.template import DEFAULT_SYSTEM
     from internvit.model.projector import ProjectorConfig
     from PIL import Image
 
@@ -205,7 +208,8 @@ def test_chat_keeps_the_bos_of_an_internlm_style_tokenizer(texts, monkeypatch):
 
 def tiny_chat_model(texts):
     import internvit
-    from internvit.model.chat import InternVLChatModel, add_special_tokens
+    from internvit.model.chat import InternVLChatModel
+    from internvit.model.llm import add_special_tokens
     from internvit.model.projector import ProjectorConfig
 
     llm, tok = tiny_llm(texts)
@@ -344,7 +348,7 @@ def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
 
     import numpy as np
 
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.llm import add_special_tokens
     from internvit.train.data import ConversationDataset, load_meta
 
     _, tok = tiny_llm(texts)
@@ -424,7 +428,7 @@ def official_reading(sample: dict):
 def test_malformed_samples_are_rejected_with_a_reason(texts, tmp_path):
     from PIL import Image
 
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.llm import add_special_tokens
     from internvit.train.data import ConversationDataset, SampleError, load_meta
 
     Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "red.jpg")
@@ -486,7 +490,7 @@ def test_exif_orientation_is_applied_where_internvl_ignores_it(texts, tmp_path):
     `Image.open(image_path).convert('RGB')`) keeps the stored pixels and their grid."""
     from PIL import Image, ImageOps
 
-    from internvit.model.chat import add_special_tokens
+    from internvit.model.llm import add_special_tokens
     from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
     from internvit.preprocess.tiling import dynamic_tiles
     from internvit.train.data import ConversationDataset, load_meta

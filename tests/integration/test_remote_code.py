@@ -195,7 +195,7 @@ def write_remote_code_llm(folder: Path, texts: list[str], *, seed: int = 0) -> P
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from internvit.train.tiny import build_tiny_llm
+    from helpers import build_tiny_llm
 
     folder.mkdir(parents=True)
     (folder / "configuration_tinyinternlm.py").write_text(CONFIG_PY)

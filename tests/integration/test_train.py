@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import internvit
-from internvit.model.chat import IGNORE_INDEX, InternVLChatModel
+from internvit.model.chat import InternVLChatModel
+from internvit.model.template import IGNORE_INDEX
 from internvit.train.data import ConversationDataset, collate, load_meta, preprocess_internvl2_5
 from internvit.train.loop import build_model, train
 from internvit.train.loss import len2weight, next_token_loss, token_weights
@@ -32,7 +33,7 @@ EXAMPLES = Path(__file__).parents[2] / "examples"
 def parts(tmp_path_factory):
     """A tiny LLM + tokenizer and a tiny InternViT on disk."""
     pytest.importorskip("transformers")
-    from internvit.train.tiny import build_tiny_llm
+    from helpers import build_tiny_llm
     from internvit.weights import init_checkpoint
 
     root = tmp_path_factory.mktemp("parts")

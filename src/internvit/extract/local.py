@@ -28,7 +28,7 @@ import torch
 
 from internvit.extract.sources import expand_sources
 from internvit.extract.store import FeatureStore, feature_schema, output_lock
-from internvit.registry import DEFAULT_MODEL
+from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.checkpoint import state_dict_fingerprint
 
 TILE_MODES = ("none", "dynamic")
@@ -162,7 +162,7 @@ def extract_features(
     batch_size: int = 8,
     num_workers: int = 2,
     tiles: str = "none",
-    max_tiles: int = 12,
+    max_tiles: int = DEFAULT_MAX_TILES,
     frames: int = 8,
     layers=(),
     patch_tokens: bool = False,

@@ -52,7 +52,7 @@ from internvit.extract.local import (
 )
 from internvit.extract.store import output_lock
 from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
-from internvit.registry import DEFAULT_MODEL
+from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
 # Ray (2.40 to 2.60 at least) turns `_node_ip_address="127.0.0.1"` (and `ray start --node-ip-address 127.0.0.1`)
 # into the machine's network address (`ray._private.services.resolve_ip_for_localhost`) and listens on every
@@ -463,7 +463,7 @@ def extract_features_ray(
     device: str | None = None,
     batch_size: int = 8,
     tiles: str = "none",
-    max_tiles: int = 12,
+    max_tiles: int = DEFAULT_MAX_TILES,
     frames: int = 8,
     layers=(),
     patch_tokens: bool = False,

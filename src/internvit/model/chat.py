@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -28,84 +27,12 @@ from torch import nn
 from internvit._fileio import atomic_write
 from internvit.checkpoint import CheckpointError, parse_dtype, read_state_dict, resolve, save_pretrained
 from internvit.config import InternVisionConfig
+from internvit.model.llm import build_llm, remote_class
 from internvit.model.projector import ProjectorConfig, unshuffle_tokens
+from internvit.model.template import DEFAULT_SYSTEM, IMG_CONTEXT_TOKEN, image_tokens, render_template
 from internvit.model.vision import InternVisionModel
 from internvit.preprocess.tiling import tile_image
-
-IMG_START_TOKEN = "<img>"
-IMG_END_TOKEN = "</img>"
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-# InternVL's order (`internvl_chat_pretrain.py` `token_list`): on a tokenizer of N tokens, <img> = N, </img> = N+1,
-# <IMG_CONTEXT> = N+2 (Qwen2.5: 151665, 151666, 151667)
-SPECIAL_TOKENS = [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
-                  "</box>"]
-DEFAULT_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-IGNORE_INDEX = -100
-
-
-def render_template(turns: list[tuple[str, str | None]], system: str = DEFAULT_SYSTEM) -> str:
-    """The `internvl2_5` (MPT-style) prompt: roles "user"/"assistant"; a None message opens the assistant turn."""
-    out = f"<|im_start|>system\n{system}<|im_end|>\n"
-    for role, message in turns:
-        out += f"<|im_start|>{role}\n"
-        if message is not None:
-            out += f"{message}<|im_end|>\n"
-    return out
-
-
-def image_tokens(num_tiles: int, num_image_token: int = 256) -> str:
-    """What replaces one `<image>`: `<img>` + `<IMG_CONTEXT>` x (256 per tile) + `</img>`."""
-    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_tiles) + IMG_END_TOKEN
-
-
-def add_special_tokens(tokenizer, llm: nn.Module | None = None, *, shrink_embeddings: bool = True) -> int:
-    """Add InternVL's tokens to a tokenizer that lacks them and size the LLM's embeddings as InternVL's training does
-    (`internvl_chat_pretrain.py`, spec §6.1). Returns the id of `<IMG_CONTEXT>`.
-
-    When tokens were added: the embeddings are resized to `len(tokenizer)` (new rows get transformers' fresh init,
-    `_init_weights`, as in the transformers 4.37 InternVL pins), then the output rows of the added tokens are set to
-    the mean of the output rows before them. The input rows of an untied LLM keep their init; a tied LLM shares the
-    output rows. An LLM with more rows than the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens) is cut to
-    `len(tokenizer)`, as InternVL's released configs say (vocab_size 151,674); `shrink_embeddings=False` keeps its
-    rows (the added tokens then take over rows N.. of the padding) and only ever grows them.
-    """
-    added = tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
-    _sync_add_bos_token(tokenizer)
-    if llm is not None and added:
-        rows = llm.get_input_embeddings().weight.shape[0]
-        target = len(tokenizer) if shrink_embeddings else max(rows, len(tokenizer))
-        if target != rows:
-            llm.resize_token_embeddings(target, mean_resizing=False)  # new rows: the model's _init_weights
-        first = len(tokenizer) - added  # the added tokens' ids: first .. len(tokenizer)-1
-        with torch.no_grad():
-            out = llm.get_output_embeddings().weight  # [rows, C]
-            out[first:len(tokenizer)] = out[:first].mean(0, keepdim=True)
-    return tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-
-
-def _sync_add_bos_token(tokenizer) -> None:
-    """Make `tokenizer.add_bos_token` say whether encoding adds BOS (InternLM's tokenizers do).
-
-    `preprocess_internvl2_5` (like InternVL's) reads that flag to put one BOS at the very start. transformers 5
-    drops `add_bos_token` from tokenizer_config.json when a tokenizer.json exists (the BOS is then only in its
-    post-processor), so a reloaded fast tokenizer reports False while it still adds BOS.
-    """
-    bos = tokenizer.bos_token_id
-    if bos is None or getattr(tokenizer, "add_bos_token", False):
-        return
-    with_special = tokenizer("a", add_special_tokens=True).input_ids
-    if with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]:
-        tokenizer.add_bos_token = True  # on a tokenizers-backed tokenizer this rebuilds the same post-processor
-
-
-def _remote_class(cls: type) -> tuple[type, Path] | None:
-    """The class that transformers loaded as remote code (`transformers_modules.*`) in `cls`'s MRO (FSDP wraps
-    classes in subclasses) and its source file; None for a transformers class."""
-    for c in cls.__mro__:
-        if c.__module__.startswith("transformers_modules."):
-            return c, Path(sys.modules[c.__module__].__file__)
-    return None
-
+from internvit.registry import DEFAULT_MAX_TILES
 
 class InternVLChatModel(nn.Module):
     """ViT + `mlp1` + LLM with InternVL's parameter names, so a chat checkpoint loads with strict keys.
@@ -199,13 +126,13 @@ class InternVLChatModel(nn.Module):
         out = self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         return [t.split("<|im_end|>")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=False)]
 
-    def chat(self, tokenizer, images, question: str, *, max_tiles: int = 12, system: str = DEFAULT_SYSTEM,
+    def chat(self, tokenizer, images, question: str, *, max_tiles: int = DEFAULT_MAX_TILES, system: str = DEFAULT_SYSTEM,
              **generate_kwargs) -> str:
         """Answer a question about zero or more images (paths or PIL images), as InternVL's `chat()`."""
         return self.batch_chat(tokenizer, [images], [question], max_tiles=max_tiles, system=system,
                                **generate_kwargs)[0]
 
-    def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, max_tiles: int = 12,
+    def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, max_tiles: int = DEFAULT_MAX_TILES,
                    system: str = DEFAULT_SYSTEM, **generate_kwargs) -> list[str]:
         prompts, pixels = [], []
         for images, question in zip(images_per_sample, questions):
@@ -232,7 +159,7 @@ class InternVLChatModel(nn.Module):
         files: list[Path] = []
         for key, cls in (("AutoConfig", type(self.language_model.config)),
                          ("AutoModelForCausalLM", type(self.language_model))):
-            found = _remote_class(cls)
+            found = remote_class(cls)
             if found is None:
                 continue
             from transformers.dynamic_module_utils import get_relative_import_files
@@ -320,7 +247,7 @@ class InternVLChatModel(nn.Module):
             torch.set_default_dtype(target)
         try:
             vision = InternVisionModel(InternVisionConfig.from_dict(cfg["vision_config"]))
-            llm = _build_llm(cfg["llm_config"], ckpt, trust_remote_code=trust_remote_code,
+            llm = build_llm(cfg["llm_config"], ckpt, trust_remote_code=trust_remote_code,
                              dtype=torch.get_default_dtype())
             if getattr(llm.config, "tie_word_embeddings", False):
                 llm.tie_weights()  # skipped by no_init_weights: lm_head must share the embedding before loading
@@ -347,51 +274,6 @@ class InternVLChatModel(nn.Module):
                                dtype=dtype)
 
 
-def _build_llm(llm_config: dict, ckpt, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
-    """A randomly initialised LLM from a chat checkpoint's `llm_config`: a transformers architecture, or the
-    checkpoint's own code when `auto_map` names it and the caller trusts it (transformers' rule: with the flag on,
-    the remote code wins over a native class of the same model_type)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-
-    llm_cfg = dict(llm_config)
-    model_type = llm_cfg.pop("model_type")
-    for key in ("attn_implementation", "_attn_implementation"):  # InternVL's configs ask for flash_attention_2:
-        llm_cfg.pop(key, None)  # transformers then picks sdpa or eager, and flash-attn is not required
-    auto_map = llm_cfg.get("auto_map") or {}
-    remote = "AutoConfig" in auto_map and "AutoModelForCausalLM" in auto_map
-    native = model_type in CONFIG_MAPPING
-    if remote and (trust_remote_code or not native):
-        refs = [auto_map["AutoConfig"], auto_map["AutoModelForCausalLM"]]  # "module.Class" or "repo--module.Class"
-        modules = sorted({ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs})
-        if not trust_remote_code:
-            raise CheckpointError(
-                f"{ckpt.source}: the LLM of this chat checkpoint ({model_type}, "
-                f"{', '.join(llm_cfg.get('architectures') or [])}) is not a transformers architecture and runs "
-                f"the checkpoint's own code ({', '.join(modules)}); if you trust it, pass trust_remote_code=True "
-                "(CLI: --trust-remote-code)")
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-        folder = ckpt.config_path.parent
-        here = sorted({ref.rsplit(".", 1)[0] + ".py" for ref in refs if "--" not in ref})  # "repo--": code elsewhere
-        if all((folder / m).is_file() for m in here):
-            code_source = str(folder)
-        elif os.path.exists(ckpt.source.removeprefix("local-dir:")):
-            raise CheckpointError(f"{folder}: llm_config.auto_map needs {', '.join(here)} next to config.json")
-        else:
-            code_source = ckpt.source  # a Hub repo id: transformers fetches the .py files
-        config = get_class_from_dynamic_module(auto_map["AutoConfig"], code_source)(**llm_cfg)
-        config.name_or_path = code_source  # where AutoModelForCausalLM looks for the model's code
-        with _no_init_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=True, **_dtype_kwarg(dtype))
-    if not native:
-        raise CheckpointError(f"{ckpt.source}: llm_config.model_type {model_type!r} is not a transformers "
-                              "architecture, and llm_config has no auto_map naming code for it")
-    with _no_init_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_cfg), **_dtype_kwarg(dtype))
-
-
 def _img_context_token_id(ckpt) -> int:
     """`<IMG_CONTEXT>`'s id from the tokenizer files beside config.json (tokenizer.json, tokenizer_config.json or
     added_tokens.json), without loading a tokenizer."""
@@ -413,21 +295,3 @@ def _img_context_token_id(ckpt) -> int:
             return found[IMG_CONTEXT_TOKEN]
     raise CheckpointError(f"{ckpt.source}: config.json has no img_context_token_id and no tokenizer file next to "
                           f"it names {IMG_CONTEXT_TOKEN}; pass img_context_token_id=")
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """`from_config`'s dtype argument: `dtype` in transformers >= 5, `torch_dtype` before (without it, the config's
-    own torch_dtype would win)."""
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
-
-
-def _no_init_weights():
-    """transformers' switch that skips the random init of weights the checkpoint overwrites anyway (20 s -> 1.5 s
-    for a 1.5B LLM on this CPU); `from_pretrained` checks afterwards that every weight was loaded."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()

@@ -22,6 +22,8 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
+from internvit.registry import DEFAULT_MAX_TILES
+
 from .image import ImageSource, open_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
 
@@ -79,7 +81,7 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
 
 
-def choose_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12,
+def choose_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
                 tile_size: int = TILE_SIZE) -> tuple[int, int]:
     """InternVL's `find_closest_aspect_ratio`: the grid (columns, rows) closest to width/height.
 
@@ -108,7 +110,7 @@ def tile_budget(num_images: int, max_tiles: int) -> int:
     return max(1, max_tiles // num_images)
 
 
-def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12, tile_size: int = TILE_SIZE,
+def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES, tile_size: int = TILE_SIZE,
                   use_thumbnail: bool = True) -> tuple[list[Image.Image], TileLayout]:
     """Cut an RGB image into tiles exactly as InternVL's `dynamic_preprocess`.
 
@@ -140,7 +142,7 @@ class TiledImage:
     layout: TileLayout
 
 
-def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True,
+def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES, use_thumbnail: bool = True,
                tile_size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> TiledImage:
     """InternVL's `load_image`: dynamic tiles (+ thumbnail), each normalized as `build_transform` does.
 
@@ -153,7 +155,7 @@ def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, u
     return TiledImage(torch.stack([to_tensor_normalized(t, mean, std) for t in tiles]), layout)
 
 
-def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles: int = 12,
+def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
                 use_thumbnail: bool = True, share_budget: bool = False, tile_size: int = 448) -> list[TiledImage]:
     """Tile several images. With `share_budget` (InternVL's multi-image training) each image gets
     `max(1, max_tiles // len(images))` tiles; the model card's chat inference tiles each image on its own."""

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from internvit.model.chat import IGNORE_INDEX
+from internvit.model.template import IGNORE_INDEX
 from internvit.train.data import collate
 from internvit.train.loss import token_weights
 

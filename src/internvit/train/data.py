@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvit.model.chat import DEFAULT_SYSTEM, IGNORE_INDEX, IMG_END_TOKEN, image_tokens
+from internvit.model.template import DEFAULT_SYSTEM, IGNORE_INDEX, IMG_END_TOKEN, image_tokens
+from internvit.registry import DEFAULT_MAX_TILES
 from internvit.train.loss import token_weights
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -175,7 +176,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     `dataset[i]` is sample i as in epoch 0; `dataset[(i, epoch)]` as in that epoch (what training asks for).
     """
 
-    def __init__(self, specs: list[DatasetSpec], tokenizer, *, max_tiles: int = 12, num_image_token: int = 256,
+    def __init__(self, specs: list[DatasetSpec], tokenizer, *, max_tiles: int = DEFAULT_MAX_TILES, num_image_token: int = 256,
                  max_seq_length: int = 16384, tile_size: int = 448, min_num_frame: int = 8, max_num_frame: int = 32,
                  sampling_method: str = "rand", num_frames: int | None = None, seed: int = 0) -> None:
         self.items = [(spec, s) for spec in specs for s in read_samples(spec)]

@@ -368,7 +368,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from internvit.model.chat import _dtype_kwarg, add_special_tokens
+    from internvit.model.llm import add_special_tokens, dtype_kwarg
     from internvit.model.projector import ProjectorConfig
     from internvit.registry import DEFAULT_MODEL
     from internvit.weights import from_pretrained, hub_kwargs, offline_error
@@ -399,7 +399,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code, **offline)
         language_model = AutoModelForCausalLM.from_pretrained(llm, trust_remote_code=trust_remote_code, **offline,
-                                                              **_dtype_kwarg(torch.float32))  # fp32 master weights
+                                                              **dtype_kwarg(torch.float32))  # fp32 master weights
     except OSError as e:
         raise (offline_error(llm, "--llm", e) if offline else e) from None
     ctx = add_special_tokens(tokenizer, language_model, shrink_embeddings=shrink_embeddings)

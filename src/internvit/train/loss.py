@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from internvit.model.chat import IGNORE_INDEX
+from internvit.model.template import IGNORE_INDEX
 
 REDUCTIONS = ("token", "sample", "square")
 

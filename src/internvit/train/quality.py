@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from internvit.registry import DEFAULT_MAX_TILES
 from internvit.train.data import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DatasetSpec, load_meta, media_count
 
 
@@ -115,7 +116,7 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
     return sorted(set(problems))
 
 
-def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 16384, max_tiles: int = 12,
+def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 16384, max_tiles: int = DEFAULT_MAX_TILES,
                num_image_token: int = 256, repeat_threshold: float = 0.4, max_num_frame: int = 32,
                fix: str | os.PathLike | None = None) -> list[DatasetReport]:
     """Check every dataset of a meta JSON; with `fix`, write the filtered datasets, a meta JSON and a report."""

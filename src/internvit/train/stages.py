@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from internvit.registry import DEFAULT_MAX_TILES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +43,7 @@ class TrainConfig:
     batch_size: int = 1  # per process
     grad_accum: int = 1
     max_seq_length: int = 16384
-    max_tiles: int = 12
+    max_tiles: int = DEFAULT_MAX_TILES
     min_num_frame: int = 8  # frames per training video: drawn from min_num_frame..max_num_frame (InternVL's flags)
     max_num_frame: int = 32
     sampling_method: str = "rand"  # a random frame per segment; "middle": each segment's middle frame
