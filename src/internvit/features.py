@@ -34,7 +34,8 @@ def encode_tiles(model: InternVisionModel, pixel_values: Sequence[torch.Tensor],
         model: the encoder.
         pixel_values: per image, its tiles [T_i, 3, S, S].
         micro_batch: tiles per forward; memory is bounded by it, whatever the images' tile counts.
-        layers: which `hidden_states` to return (-1 = last_hidden_state, 0 = embeddings).
+        layers: which `hidden_states` to return (0 = embeddings, -1 = last; `model.vision.layer_indices`); the
+            encoder stops after the deepest one.
 
     Returns:
         Per image, per requested layer, the tokens [T_i, N, C] (in the model's dtype, on its device).
@@ -43,12 +44,11 @@ def encode_tiles(model: InternVisionModel, pixel_values: Sequence[torch.Tensor],
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     counts = [int(p.shape[0]) for p in pixel_values]
     flat = torch.cat(list(pixel_values)) if pixel_values else torch.empty(0)
-    need_hidden = any(i != -1 for i in layers)
     chunks: list[list[torch.Tensor]] = [[] for _ in layers]
     for start in range(0, flat.shape[0], micro_batch):
-        out = model(flat[start:start + micro_batch].to(model.device, model.dtype), output_hidden_states=need_hidden)
-        for k, i in enumerate(layers):
-            chunks[k].append(out.last_hidden_state if i == -1 else out.hidden_states[i])
+        states = model.forward_intermediates(flat[start:start + micro_batch].to(model.device, model.dtype), layers)
+        for k, state in enumerate(states):
+            chunks[k].append(state)
     per_layer = [torch.cat(c).split(counts) if c else [] for c in chunks]
     return [[per_layer[k][n] for k in range(len(layers))] for n in range(len(counts))]
 
@@ -136,8 +136,7 @@ def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | Tiled
     layer = -1 if select_layer is None else select_layer
     tiled = _as_tiled(images, min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail,
                       share_budget=share_budget, tile_size=model.config.image_size)
-    encoded = encode_tiles(model, [t.pixel_values for t in tiled], micro_batch=micro_batch,
-                           layers=(hidden_index(layer, model),))
+    encoded = encode_tiles(model, [t.pixel_values for t in tiled], micro_batch=micro_batch, layers=(layer,))
     with torch.inference_mode():
         hidden_TNC = torch.cat([e[0] for e in encoded])
         if projector is not None:
@@ -145,15 +144,6 @@ def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | Tiled
         else:
             tokens = unshuffle_tokens(hidden_TNC, downsample_ratio, version=ps_version)
     return tokens.reshape(-1, tokens.shape[-1]), [t.pixel_values.shape[0] for t in tiled]
-
-
-def hidden_index(select_layer: int, model: InternVisionModel) -> int:
-    """InternVL's `select_layer` as an `encode_tiles` layer index: -1 (no hidden states needed) for the last
-    layer, else its index in `hidden_states`."""
-    L = model.config.num_hidden_layers
-    if select_layer in (-1, L):
-        return -1
-    return select_layer + L + 1 if select_layer < 0 else select_layer
 
 
 def _as_tiled(images, **kwargs) -> list[TiledImage]:

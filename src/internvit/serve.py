@@ -42,8 +42,8 @@ from internvit.extract.local import (
     _processor_for,
     check_device,
     check_options,
-    normalize_layers,
 )
+from internvit.model.vision import layer_indices
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`) at run time.
@@ -442,7 +442,7 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
         payload = await read_json(request)
         eng: Engine = state["engine"]
         try:
-            layers = normalize_layers(payload.get("layers") or (), eng.vit.config.num_hidden_layers)
+            layers = layer_indices(payload.get("layers") or (), eng.vit.config.num_hidden_layers)
         except (TypeError, ValueError) as e:
             raise _HTTPError(400, f"layers: {e}", param="layers") from None
         want = FeatureRequest(layers, bool(payload.get("patch_tokens")), bool(payload.get("visual_tokens")))

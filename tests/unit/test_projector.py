@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import internvit
-from helpers import randomize_, random_official_state_dict, save_safetensors
+from helpers import randomize_, random_official_state_dict, reference_forward, save_safetensors
 from internvit.features import TiledFeatures, TiledImage, encode_images, encode_tiles, tile_image, visual_tokens
 from internvit.model.projector import Projector, ProjectorConfig, load_projector, pixel_unshuffle, unshuffle_tokens
 from internvit.preprocess.tiling import TileLayout
@@ -510,27 +510,54 @@ def test_encode_tiles_shares_micro_batches_across_images(tiny_model, micro_batch
     g = torch.Generator().manual_seed(5)
     pixels = [torch.randn(n, 3, 56, 56, generator=g) for n in (1, 7, 13)]
     batches: list[int] = []
-    handle = tiny_model.register_forward_hook(lambda m, args, kwargs, out: batches.append(args[0].shape[0]),
-                                              with_kwargs=True)
+    forward = tiny_model.forward_intermediates
+
+    def counted(x, indices):
+        batches.append(x.shape[0])
+        return forward(x, indices)
+
+    tiny_model.forward_intermediates = counted
     try:
         results = encode_tiles(tiny_model, pixels, micro_batch=micro_batch, layers=(-1, 1, 0))
     finally:
-        handle.remove()
+        del tiny_model.forward_intermediates
     total = 21
     assert len(batches) == math.ceil(total / micro_batch)
     assert sum(batches) == total and max(batches) <= micro_batch
     if micro_batch == 4:
         assert batches == [4, 4, 4, 4, 4, 1]  # image 0's single tile shares its batch with image 1's
     assert len(results) == 3
+    sd = tiny_model.state_dict()
     for p, per_layer in zip(pixels, results):
-        with torch.no_grad():
-            alone = tiny_model(p, output_hidden_states=True)
+        want = reference_forward(sd, tiny_model.config, p)  # the spec's forward, image by image
         assert len(per_layer) == 3
         last, mid, first = per_layer
         assert last.shape == (p.shape[0], 17, 64)
-        torch.testing.assert_close(last, alone.last_hidden_state, atol=1e-5, rtol=0)
-        torch.testing.assert_close(mid, alone.hidden_states[1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(first, alone.hidden_states[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(last, want[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mid, want[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(first, want[0], atol=1e-5, rtol=0)
+
+
+def test_forward_intermediates_stops_at_the_deepest_layer_asked(tiny_model):
+    x = torch.randn(2, 3, 56, 56)
+    calls: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+             for i, layer in enumerate(tiny_model.encoder.layers)]
+    try:
+        with torch.no_grad():
+            (embeddings,) = tiny_model.forward_intermediates(x, [0])
+            assert calls == []
+            first, again = tiny_model.forward_intermediates(x, [1, -2])  # -2 = hidden_states[1] of 2 layers
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0]  # layer 2 never ran
+    want = reference_forward(tiny_model.state_dict(), tiny_model.config, x)
+    torch.testing.assert_close(embeddings, want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(first, want[1], atol=1e-5, rtol=0)
+    assert again is first or torch.equal(again, first)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_model.forward_intermediates(x, [3])
 
 
 def test_encode_tiles_rejects_bad_micro_batch(tiny_model):
@@ -541,11 +568,12 @@ def test_encode_tiles_rejects_bad_micro_batch(tiny_model):
 def test_encode_images_with_13_tile_image_counts_forwards(tiny_model):
     image = Image.new("RGB", (224, 168), (120, 30, 200))  # 4:3 -> 4x3 grid + thumbnail = 13 tiles
     calls: list[int] = []
-    handle = tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    forward = tiny_model.forward_intermediates
+    tiny_model.forward_intermediates = lambda x, indices: calls.append(x.shape[0]) or forward(x, indices)
     try:
         features = encode_images(tiny_model, [image, Image.new("RGB", (56, 56))], max_tiles=12, micro_batch=8)
     finally:
-        handle.remove()
+        del tiny_model.forward_intermediates
     assert [f.patch_tokens.shape[0] for f in features] == [13, 1]
     assert calls == [8, 6]
     assert features[0].feature_map().shape == (12, 16, 64)

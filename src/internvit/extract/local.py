@@ -28,6 +28,7 @@ import torch
 
 from internvit.extract.sources import expand_sources
 from internvit.extract.store import FeatureStore, feature_schema, output_lock
+from internvit.model.vision import layer_indices
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.checkpoint import state_dict_fingerprint
 
@@ -141,17 +142,6 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the model owns the cores; a worker only decodes and resizes
 
 
-def normalize_layers(layers, num_hidden_layers: int) -> tuple[int, ...]:
-    """Layer indices as in `hidden_states`: 0 = embeddings, L = last layer; negative counts from the end."""
-    out = []
-    for i in layers:
-        j = i + num_hidden_layers + 1 if i < 0 else i
-        if not 0 <= j <= num_hidden_layers:
-            raise ValueError(f"layer {i} is out of range for a {num_hidden_layers}-layer model (0..{num_hidden_layers})")
-        out.append(j)
-    return tuple(dict.fromkeys(out))
-
-
 def extract_features(
     sources,
     out: str | os.PathLike,
@@ -188,7 +178,7 @@ def extract_features(
         tiles: "none" (CLIP preprocessing, one tile) or "dynamic" (InternVL tiles + thumbnail).
         max_tiles: the dynamic tiling budget per image.
         frames: frames sampled per video.
-        layers: extra layers to pool, as `hidden_states` indices (0 = embeddings, -1 = last).
+        layers: extra layers to pool, as `hidden_states` indices (0 = embeddings, -1 = last; see `layer_indices`).
         patch_tokens: also store the patch-token map (the stitched map for tiled images; not for videos).
         visual_tokens: also store InternVL's visual tokens (pixel-unshuffled, or projected with `projector`).
         projector: an InternVL chat checkpoint whose `mlp1` projects the visual tokens (implies visual_tokens).
@@ -217,7 +207,7 @@ def extract_features(
         ckpt = getattr(vit, "checkpoint", None)
         processor = _processor_for(ckpt)
         config = vit.config
-        layers = normalize_layers(layers, config.num_hidden_layers)
+        layers = layer_indices(layers, config.num_hidden_layers)
         schema = _output_schema(
             config, source=source, dtype=vit.dtype, processor=processor, layers=layers, patch_tokens=patch_tokens,
             visual_tokens=visual_tokens, projector=projector,
@@ -356,10 +346,10 @@ class _Encoder:
     def __init__(self, vit, *, layers, micro_batch, patch_tokens, visual_tokens, projector) -> None:
         self.vit, self.layers, self.micro_batch = vit, layers, micro_batch
         self.patch_tokens, self.visual_tokens, self.projector = patch_tokens, visual_tokens, projector
-        from internvit.features import hidden_index
-
-        self.visual_layer = hidden_index(projector.config.select_layer if projector is not None else -1, vit)
-        self.wanted = tuple(dict.fromkeys((-1, *layers, self.visual_layer)))
+        L = vit.config.num_hidden_layers
+        self.last = L
+        self.visual_layer = layer_indices((projector.config.select_layer if projector is not None else -1,), L)[0]
+        self.wanted = layer_indices((L, *layers, self.visual_layer), L)  # the last layer first
         self.seconds = 0.0  # time in the encoder
         self.tiles = 0
 
@@ -389,7 +379,7 @@ class _Encoder:
             "frame_indices": [it.frame_indices for it in items],
         }
         C = self.vit.config.hidden_size
-        for name, layer in [("", -1)] + [(f"_l{i}", i) for i in self.layers]:
+        for name, layer in [("", self.last)] + [(f"_l{i}", i) for i in self.layers]:
             k = self.wanted.index(layer)
             cls, mean = np.zeros((len(items), C), np.float32), np.zeros((len(items), C), np.float32)
             for n, it in enumerate(items):

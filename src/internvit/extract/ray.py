@@ -48,10 +48,10 @@ from internvit.extract.local import (
     _processor_for,
     check_options,
     model_name,
-    normalize_layers,
 )
 from internvit.extract.store import output_lock
 from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
+from internvit.model.vision import layer_indices
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
 # Ray (2.40 to 2.60 at least) turns `_node_ip_address="127.0.0.1"` (and `ray start --node-ip-address 127.0.0.1`)
@@ -524,7 +524,7 @@ def extract_features_ray(
             projector_width = load_projector(projector, revision=None).config.llm_hidden_size
             visual_tokens = True
         processor = _processor_for(ckpt)
-        layers = normalize_layers(layers, config.num_hidden_layers)
+        layers = layer_indices(layers, config.num_hidden_layers)
         schema = _output_schema(config, source=model_name(model), dtype=target, processor=processor, layers=layers,
                                 patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
                                 projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames,

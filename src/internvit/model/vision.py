@@ -21,6 +21,7 @@ Shape legend: B batch, N tokens (1 + h*w), C hidden, H heads, D head_dim, h/w pa
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -222,16 +223,33 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config, rates[i], attn_implementation) for i in range(L))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden_states = [x] if output_hidden_states else []
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, keep: Collection[int] = (), depth: int | None = None,
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the first `depth` layers (all by default): their output, and the hidden states at `keep` (indices
+        into `hidden_states`: 0 = the input, i = layer i's output)."""
+        states = {0: x} if 0 in keep else {}
+        for i, layer in enumerate(self.layers[:depth], start=1):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-            if output_hidden_states:
-                hidden_states.append(x)
-        return x, hidden_states
+            if i in keep:
+                states[i] = x
+        return x, states
+
+
+def layer_indices(indices: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:
+    """The one layer-index convention: indices into `hidden_states` (0 = embeddings, L = last layer), negatives
+    counted from the end as in Python (-1 = last = L; InternVL's `select_layer` means the same). Returns them
+    non-negative, in order, each once."""
+    L = num_hidden_layers
+    out = []
+    for i in indices:
+        j = i + L + 1 if i < 0 else i
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= j <= L:
+            raise ValueError(f"layer {i} is out of range for a {L}-layer model (0..{L}, or -{L + 1}..-1)")
+        out.append(j)
+    return tuple(dict.fromkeys(out))
 
 
 class InternVisionModel(nn.Module):
@@ -276,6 +294,23 @@ class InternVisionModel(nn.Module):
             output_hidden_states: also return the embedding output and every layer's output.
             pixel_embeds: precomputed embeddings [B, N, C] that skip the patch embedding (official argument).
         """
+        L = self.config.num_hidden_layers
+        last, states = self._run(pixel_values, pixel_embeds, keep=range(L + 1) if output_hidden_states else ())
+        return InternVisionOutput(last_hidden_state=last, pooler_output=last[:, 0],
+                                  hidden_states=tuple(states[i] for i in range(L + 1)) if output_hidden_states else None)
+
+    def forward_intermediates(self, pixel_values: torch.Tensor, indices: Sequence[int] = (-1,)) -> list[torch.Tensor]:
+        """The hidden states at `indices` (see `layer_indices`: 0 = embeddings, -1 = last), computing no layer past
+        the deepest one asked for and keeping no other (timm's `forward_intermediates`, dinov2's
+        `get_intermediate_layers`). One tensor per index, [B, 1 + h*w, C], as `hidden_states[i]`; an index given
+        twice (24 and -1) is computed once."""
+        L = self.config.num_hidden_layers
+        wanted = layer_indices(indices, L)
+        _, states = self._run(pixel_values, None, keep=wanted, depth=max(wanted, default=0))
+        return [states[i + L + 1 if i < 0 else i] for i in indices]
+
+    def _run(self, pixel_values, pixel_embeds, *, keep: Collection[int], depth: int | None = None,
+             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         if pixel_embeds is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values [B, 3, H, W] (or pixel_embeds)")
@@ -284,26 +319,17 @@ class InternVisionModel(nn.Module):
         B = inputs.shape[0]
         step = CPU_INFERENCE_CHUNK if inputs.device.type == "cpu" and not torch.is_grad_enabled() else B
         if B <= step:
-            return self._forward(pixel_values, pixel_embeds, output_hidden_states)
+            return self._run_chunk(pixel_values, pixel_embeds, keep, depth)
         # CPU inference: a few images at a time. GEMMs of <= ~2k rows run ~20% faster here than the 13k rows of
         # a 13-tile batch (benchmarks/), and each image's activations stay in cache; the results are the same.
-        parts = [self._forward(None if pixel_values is None else pixel_values[i:i + step],
-                               None if pixel_embeds is None else pixel_embeds[i:i + step], output_hidden_states)
+        parts = [self._run_chunk(None if pixel_values is None else pixel_values[i:i + step],
+                                 None if pixel_embeds is None else pixel_embeds[i:i + step], keep, depth)
                  for i in range(0, B, step)]
-        x = torch.cat([p.last_hidden_state for p in parts])
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = tuple(torch.cat(layer) for layer in zip(*(p.hidden_states for p in parts)))
-        return InternVisionOutput(last_hidden_state=x, pooler_output=x[:, 0], hidden_states=hidden_states)
+        return torch.cat([x for x, _ in parts]), {k: torch.cat([s[k] for _, s in parts]) for k in parts[0][1]}
 
-    def _forward(self, pixel_values, pixel_embeds, output_hidden_states: bool) -> InternVisionOutput:
+    def _run_chunk(self, pixel_values, pixel_embeds, keep, depth) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         x = pixel_embeds if pixel_embeds is not None else self.embeddings(pixel_values.to(self.dtype))
-        x, hidden_states = self.encoder(x, output_hidden_states)
-        return InternVisionOutput(
-            last_hidden_state=x,
-            pooler_output=x[:, 0],
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        return self.encoder(x, keep, depth)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         p = self.config.patch_size
