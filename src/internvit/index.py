@@ -2,23 +2,25 @@
 
 References:
     - clip-retrieval / autofaiss (rom1504): "embed, index, query" as three commands, and the index kind chosen
-      from the number of vectors (a flat index while brute force is cheap, an inverted file beyond).
-    - faiss (Douze et al., "The Faiss library", 2024): `IndexIVFFlat` with inner product; nlist ~ 4 sqrt(N) and
-      at least 39 training points per list are its documented rules of thumb.
+      from the number of vectors (brute force while it is cheap, a graph or inverted file beyond).
+    - faiss (Douze et al., "The Faiss library", 2024) `IndexHNSWFlat` (Malkov & Yashunin, HNSW, 2018) with inner
+      product on L2-normalised vectors, i.e. cosine.
     - DINOv2 `eval/knn.py`: cosine similarity as a matrix product of L2-normalised features, top-k per block.
 
 Differs from autofaiss:
     - exact search is our own blocked matrix product in torch (one [queries x rows] block of scores at a time,
-      merged into a running top-k), so no [Q x N] score matrix is ever built, whatever N;
-    - the only approximate kind is IVF-Flat (no product quantisation: up to a few million 1024-d vectors fit in
-      memory as float32, and recall stays near exact); see benchmarks/results/analysis_* for why faiss's IVF and
-      not HNSW (faiss or usearch): building HNSW graphs of 1024-d vectors on a few cores took several times longer
-      for the same recall;
+      merged into a running top-k), so no [Q x N] score matrix is ever built, whatever N; "auto" uses it up to
+      200,000 vectors, where it still answers ~100 queries/s on 2 cores with no build time;
+    - the only approximate kind is HNSW32-Flat from faiss: no product quantisation (a few million 1024-d vectors
+      fit in memory as float32, and recall stays near exact). Picked by measurement (benchmarks/bench_analysis.py,
+      100k clustered 1024-d vectors, 2 cores, recall@10 against exact): faiss HNSW32 built in 57 s and answered
+      1279 queries/s at recall 1.000; usearch's HNSW32 took 75 s (f16) to 218 s (f32) and answered 759 / 394
+      queries/s at the same recall; faiss IVF-Flat (4 sqrt(N) lists, nprobe 32) built in 45 s but answered 407/s;
     - the index folder records the metadata of the features it was built from, and `search` refuses queries whose
       model or feature-determining settings differ.
 
 Index folder: `index.json` (kind, feature, count, width, the features' metadata, sources), `paths.parquet` (one
-row per vector), and `vectors.npy` (L2-normalised float32, exact kind) or `ivf.faiss` (ann kind).
+row per vector), and `vectors.npy` (L2-normalised float32, exact kind) or `hnsw.faiss` (ann kind).
 Scores are cosine similarities.
 """
 
@@ -106,36 +108,25 @@ def _faiss():
 
 
 @dataclass(frozen=True)
-class IVFParams:
-    """An IVF-Flat index's shape for N vectors, autofaiss-style: about 4 sqrt(N) lists, 64 training points per
-    list (faiss wants at least 39), and `nprobe` lists searched per query."""
+class HNSWParams:
+    """A faiss HNSW-Flat graph: `m` links per node, `ef_construction` candidates while inserting,
+    `ef_search` candidates while searching (recall against speed; raise it for more recall)."""
 
-    nlist: int
-    train_rows: int
-    nprobe: int
-
-    @classmethod
-    def for_size(cls, n: int) -> IVFParams:
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        return cls(nlist=nlist, train_rows=min(n, 64 * nlist), nprobe=min(nlist, max(32, nlist // 32)))
+    m: int = 32
+    ef_construction: int = 64
+    ef_search: int = 128
 
 
-def build_ivf(vectors: np.ndarray, params: IVFParams | None = None, *, seed: int = 0):
-    """A faiss IVF-Flat inner-product index over L2-normalised `vectors` (k-means on a random sample)."""
+def build_ann(vectors: np.ndarray, params: HNSWParams = HNSWParams()):
+    """A faiss HNSW-Flat inner-product index over L2-normalised `vectors`, added in blocks (a memory-mapped
+    source is never copied whole)."""
     faiss = _faiss()
-    params = params or IVFParams.for_size(len(vectors))
-    dim = vectors.shape[1]
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = seed
-    rng = np.random.default_rng(seed)
-    sample = vectors if params.train_rows >= len(vectors) else vectors[np.sort(
-        rng.choice(len(vectors), params.train_rows, replace=False))]
-    ivf.train(np.ascontiguousarray(sample, np.float32))
-    for n0 in range(0, len(vectors), 65536):  # add in blocks: a memory-mapped source is never copied whole
-        ivf.add(np.ascontiguousarray(vectors[n0:n0 + 65536], np.float32))
-    ivf.nprobe = params.nprobe
-    return ivf
+    index = faiss.IndexHNSWFlat(vectors.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = params.ef_construction
+    for n0 in range(0, len(vectors), 65536):
+        index.add(np.ascontiguousarray(vectors[n0:n0 + 65536], np.float32))
+    index.hnsw.efSearch = params.ef_search
+    return index
 
 
 # ---- index folders --------------------------------------------------------------------------------------
@@ -175,8 +166,8 @@ class Index:
         if self.kind == "exact":
             self._vectors = np.load(self.folder / "vectors.npy", mmap_mode="r")
         else:
-            self._ivf = _faiss().read_index(str(self.folder / "ivf.faiss"))
-            self._ivf.nprobe = info["ann"]["nprobe"]
+            self._ann = _faiss().read_index(str(self.folder / "hnsw.faiss"))
+            self._ann.hnsw.efSearch = info["ann"]["ef_search"]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -198,7 +189,7 @@ class Index:
         q = normalize(np.array(queries, np.float32))
         if self.kind == "exact":
             return top_k(q, self._vectors, k)
-        scores, ids = self._ivf.search(q, min(k, len(self)))
+        scores, ids = self._ann.search(q, min(k, len(self)))
         return scores, ids
 
 
@@ -209,7 +200,7 @@ def build_index(files, out: str | os.PathLike, *, feature: str = "cls", kind: st
         files: Parquet files from `internvit extract`, all from the same model and settings.
         out: the index folder (created; an existing index there is replaced).
         feature: "cls", "mean", "cls+mean", "cls_l12", ...
-        kind: "exact" (blocked brute force), "ann" (faiss IVF-Flat) or "auto": exact up to `EXACT_MAX_ROWS`
+        kind: "exact" (blocked brute force), "ann" (faiss HNSW) or "auto": exact up to `EXACT_MAX_ROWS`
             vectors, ann beyond.
     """
     import pyarrow as pa
@@ -231,16 +222,17 @@ def build_index(files, out: str | os.PathLike, *, feature: str = "cls", kind: st
     info = {"format": INDEX_FORMAT, "kind": kind, "feature": feature, "count": len(table), "dim": vectors.shape[1],
             "skipped": table.skipped, "sources": [os.path.abspath(s) for s in table.sources],
             "metadata": table.metadata}
-    for stale in ("vectors.npy", "ivf.faiss"):
+    for stale in ("vectors.npy", "hnsw.faiss"):
         (out / stale).unlink(missing_ok=True)
     if kind == "exact":
         atomic_write(out / "vectors.npy", lambda tmp: np.save(open(tmp, "wb"), vectors))
     else:
-        params = IVFParams.for_size(len(vectors))
-        ivf = build_ivf(vectors, params)
-        atomic_write(out / "ivf.faiss", lambda tmp: _faiss().write_index(ivf, tmp))
-        info["ann"] = {"library": "faiss", "index": f"IVF{params.nlist},Flat", "metric": "inner_product",
-                       "nprobe": params.nprobe, "train_rows": params.train_rows}
+        params = HNSWParams()
+        ann = build_ann(vectors, params)
+        atomic_write(out / "hnsw.faiss", lambda tmp: _faiss().write_index(ann, tmp))
+        info["ann"] = {"library": "faiss", "faiss_version": _faiss().__version__, "index": f"HNSW{params.m},Flat",
+                       "metric": "inner_product", "ef_construction": params.ef_construction,
+                       "ef_search": params.ef_search}
     paths = pa.table({"path": pa.array(table.paths, pa.string())})
     atomic_write(out / "paths.parquet", lambda tmp: pq.write_table(paths, tmp))
     atomic_write(out / "index.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
@@ -339,7 +331,7 @@ def dedup(files, *, threshold: float = 0.95, feature: str = "cls", neighbors: in
     """Pairs of near-duplicate items: cosine similarity >= `threshold`, highest first.
 
     Up to `exact_max_rows` vectors every pair is compared (blocked products: the threshold decides, nothing is
-    missed); beyond, each vector's `neighbors` nearest from an IVF-Flat index are the candidates, so a group of
+    missed); beyond, each vector's `neighbors` nearest from an HNSW index are the candidates, so a group of
     more than `neighbors` copies reports only part of its pairs.
 
     Returns:
@@ -366,9 +358,9 @@ def dedup(files, *, threshold: float = 0.95, feature: str = "cls", neighbors: in
                 b_idx.append(jj[keep] + i0)
                 sc.append(s[ii[keep], jj[keep]])
     else:
-        ivf = build_ivf(x)
+        ann = build_ann(x, HNSWParams(ef_search=max(128, 2 * neighbors)))
         for q0 in range(0, n, 16384):
-            s, ids = ivf.search(x[q0:q0 + 16384], neighbors + 1)
+            s, ids = ann.search(x[q0:q0 + 16384], neighbors + 1)
             qi = np.repeat(np.arange(q0, q0 + len(s)), s.shape[1]).reshape(s.shape)
             keep = (s >= threshold) & (ids >= 0) & (ids != qi)
             lo, hi = np.minimum(qi[keep], ids[keep]), np.maximum(qi[keep], ids[keep])
