@@ -41,6 +41,7 @@ from internvit.feature_table import FeatureTable, read_features, settings_mismat
 INDEX_KINDS = ("auto", "exact", "ann")
 EXACT_MAX_ROWS = 200_000  # "auto" builds an exact index up to this many vectors (see module docstring)
 INDEX_FORMAT = 1
+DEDUP_BLOCK = (2048, 32768)  # rows x columns of one block of all-pairs scores (256 MB)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -347,16 +348,17 @@ def dedup(files, *, threshold: float = 0.95, feature: str = "cls", neighbors: in
     b_idx: list[np.ndarray] = []
     sc: list[np.ndarray] = []
     if n <= exact_max_rows:
-        block = 4096
+        rb, cb = DEDUP_BLOCK  # one [rb, cb] block of scores at a time, upper triangle only
         with torch.inference_mode():
             xt = torch.from_numpy(x)
-            for i0 in range(0, n, block):
-                s = (xt[i0:i0 + block] @ xt[i0:].T).numpy()  # the upper triangle: rows i0.., columns i0..
-                ii, jj = np.nonzero(s >= threshold)
-                keep = jj > ii  # j > i within the block (and not the diagonal)
-                a_idx.append(ii[keep] + i0)
-                b_idx.append(jj[keep] + i0)
-                sc.append(s[ii[keep], jj[keep]])
+            for i0 in range(0, n, rb):
+                for j0 in range(i0, n, cb):
+                    s = (xt[i0:i0 + rb] @ xt[j0:j0 + cb].T).numpy()
+                    ii, jj = np.nonzero(s >= threshold)
+                    keep = jj + j0 > ii + i0  # each pair once, never an item with itself
+                    a_idx.append(ii[keep] + i0)
+                    b_idx.append(jj[keep] + j0)
+                    sc.append(s[ii[keep], jj[keep]])
     else:
         ann = build_ann(x, HNSWParams(ef_search=max(128, 2 * neighbors)))
         for q0 in range(0, n, 16384):

@@ -108,9 +108,10 @@ def test_search_refuses_features_of_another_model(tmp_path):
 
 
 @pytest.mark.parametrize("exact_max_rows", [10**9, 0], ids=["all-pairs", "ann-neighbours"])
-def test_dedup_finds_planted_pairs_first(tmp_path, exact_max_rows):
+def test_dedup_finds_planted_pairs_first(tmp_path, exact_max_rows, monkeypatch):
     if exact_max_rows == 0:
         pytest.importorskip("faiss")
+    monkeypatch.setattr("internvit.index.DEDUP_BLOCK", (300, 700))  # many row and column blocks
     x = clustered(2000, 32, seed=6, clusters=40)
     rng = np.random.default_rng(7)
     planted = [(5, 1500), (77, 900), (1234, 1999)]
