@@ -43,7 +43,7 @@ def make_data(n: int, dim: int, classes: int, seed: int, sub: int = 10, rank: in
     """n vectors [n, dim] float32 and their class labels; the structure (centres, subspaces) is shared by every
     seed, the draws differ."""
     shared = np.random.default_rng(1000)
-    centers = 0.35 * shared.standard_normal((classes * sub, dim), dtype=np.float32)  # clusters overlap
+    centers = shared.standard_normal((classes * sub, dim), dtype=np.float32)
     bases = shared.standard_normal((classes * sub, rank, dim), dtype=np.float32) / np.sqrt(rank)
     rng = np.random.default_rng(seed)
     cluster = rng.integers(0, classes * sub, n)
@@ -62,18 +62,31 @@ def peak_rss_mb() -> float:
 # ---- workers (one per process) ---------------------------------------------------------------------------
 
 
+def write_data(folder: Path, args) -> None:
+    """The synthetic sets, written once as .npy (each section loads them instead of drawing them again)."""
+    for name, n, seed in (("train", args.n, 1), ("eval", args.eval_rows, 2), ("queries", args.queries, 3)):
+        x, y = make_data(n, args.dim, args.classes, seed=seed)
+        np.save(folder / f"{name}_x.npy", x)
+        np.save(folder / f"{name}_y.npy", y)
+        del x, y
+
+
+def load(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(folder / f"{name}_x.npy"), np.load(folder / f"{name}_y.npy")
+
+
 def work(section: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    data = Path(args.data)
     t = time.perf_counter()
-    x, y = make_data(args.n, args.dim, args.classes, seed=1)
-    data_s = time.perf_counter() - t
-    out: dict = {"section": section, "n": args.n, "dim": args.dim, "data_seconds": round(data_s, 1)}
+    x, y = load(data, "train")
+    out: dict = {"section": section, "n": args.n, "dim": args.dim, "load_seconds": round(time.perf_counter() - t, 1)}
     if section == "knn":
         from internvit.probe import knn_scores, topk_accuracy
 
-        q, yq = make_data(args.eval_rows, args.dim, args.classes, seed=2)
+        q, yq = load(data, "eval")
         t = time.perf_counter()
         scores = knn_scores(x, y, q, args.classes)
         out["seconds"] = time.perf_counter() - t
@@ -83,9 +96,10 @@ def work(section: str, args) -> dict:
     elif section == "linear":
         from internvit.probe import linear_probe_fit, topk_accuracy
 
-        q, yq = make_data(args.eval_rows, args.dim, args.classes, seed=2)
+        q, yq = load(data, "eval")
         t = time.perf_counter()
-        model, search = linear_probe_fit(x, y, args.classes, max_iter=args.linear_max_iter)
+        # copy=False as `internvit probe linear` calls it: the features are standardised in place
+        model, search = linear_probe_fit(x, y, args.classes, max_iter=args.linear_max_iter, copy=False)
         out["seconds"] = time.perf_counter() - t
         out["max_iter"] = args.linear_max_iter
         out["search"] = search
@@ -94,7 +108,7 @@ def work(section: str, args) -> dict:
         from internvit.index import HNSWParams, build_ann, normalize, top_k
 
         xn = normalize(x)
-        q = normalize(make_data(args.queries, args.dim, args.classes, seed=3)[0])
+        q = normalize(load(data, "queries")[0])
         t = time.perf_counter()
         _, truth = top_k(q, xn, 10)
         exact_s = time.perf_counter() - t
@@ -119,6 +133,8 @@ def work(section: str, args) -> dict:
             out["queries"] = args.queries
     elif section == "compare":
         out.update(compare(x, args))
+    elif section == "data":
+        write_data(data, args)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -136,7 +152,8 @@ def compare(x: np.ndarray, args) -> dict:
     faiss.omp_set_num_threads(args.threads)
     n = min(args.compare_n, len(x))
     xn = normalize(x[:n].copy())
-    q = normalize(make_data(args.queries, args.dim, args.classes, seed=3)[0])
+    del x
+    q = normalize(load(Path(args.data), "queries")[0])
     _, truth = top_k(q, xn, 10)
     rows = []
 
@@ -257,8 +274,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._worker == "data":
+        write_data(Path(args.data), args)
+        print("{}")
+        return
     if args._worker:
         print(json.dumps(work(args._worker, args)))
         return
@@ -276,14 +298,22 @@ def main() -> None:
     report["machine"]["versions"]["faiss"] = faiss.__version__
     report["load_average_before"] = os.getloadavg()[0]  # other work on the machine skews every figure
     skip = {s for s in args.skip.split(",") if s}
-    for section in SECTIONS:
-        if section in skip:
-            continue
-        print(f"[bench] {section} ...", file=sys.stderr, flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-analysis-") as tmp:
+        argv.append(f"--data={tmp}")
         t = time.perf_counter()
-        report["results"][section] = run_child(section, argv)
-        print(f"[bench]   done in {time.perf_counter() - t:.0f} s: {report['results'][section]}", file=sys.stderr,
-              flush=True)
+        run_child("data", argv)
+        report["data_seconds"] = time.perf_counter() - t
+        print(f"[bench] synthetic data in {report['data_seconds']:.0f} s", file=sys.stderr, flush=True)
+        for section in SECTIONS:
+            if section in skip:
+                continue
+            print(f"[bench] {section} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            report["results"][section] = run_child(section, argv)
+            print(f"[bench]   done in {time.perf_counter() - t:.0f} s: {report['results'][section]}",
+                  file=sys.stderr, flush=True)
     report["load_average_after"] = os.getloadavg()[0]
     stem = write_results(args.out, "analysis", report, markdown(report))
     print(markdown(report))

@@ -44,17 +44,22 @@ INDEX_FORMAT = 1
 DEDUP_BLOCK = (2048, 32768)  # rows x columns of one block of all-pairs scores (256 MB)
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, [N] float32, without a temporary the size of `x` (np.linalg.norm makes one)."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+
+def normalize(x: np.ndarray, block: int = 65536) -> np.ndarray:
     """Rows scaled to unit L2 norm, in place for float32 input (a zero row stays zero)."""
     x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    x /= norms
+    for i in range(0, len(x), block):
+        b = x[i:i + block]
+        b /= np.maximum(row_norms(b), 1e-12)[:, None]
     return x
 
 
 @torch.inference_mode()
-def top_k(queries: np.ndarray, database: np.ndarray, k: int, *, query_block: int = 1024,
+def top_k(queries: np.ndarray, database: np.ndarray, k: int, *, cosine: bool = False, query_block: int = 1024,
           row_block: int = 65536, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The `k` largest inner products of each query with the database rows, computed block by block.
 
@@ -64,6 +69,7 @@ def top_k(queries: np.ndarray, database: np.ndarray, k: int, *, query_block: int
         queries: [Q, C] float32.
         database: [N, C] float32 (a memory-mapped array works: each block is read once per query block).
         k: neighbours per query (capped at N, or N - 1 with `exclude_self`).
+        cosine: divide by the norms (computed per block), so unnormalised inputs need no normalised copy.
         exclude_self: `queries` is `database` (same rows, same order); a row is not its own neighbour.
 
     Returns:
@@ -76,13 +82,16 @@ def top_k(queries: np.ndarray, database: np.ndarray, k: int, *, query_block: int
     if k <= 0 or Q == 0:
         return scores, indices
     for q0 in range(0, Q, query_block):
-        q_qC = torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + query_block], np.float32))
+        q = np.array(queries[q0:q0 + query_block], np.float32)  # a copy: normalised below without touching the input
+        q_qC = torch.from_numpy(normalize(q) if cosine else q)
         best_s = torch.full((len(q_qC), k), -math.inf)
         best_i = torch.zeros((len(q_qC), k), dtype=torch.int64)
         for n0 in range(0, N, row_block):
             rows = np.ascontiguousarray(database[n0:n0 + row_block], np.float32)
             rows_nC = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # a read-only memory map
             s_qn = q_qC @ rows_nC.T
+            if cosine:
+                s_qn /= torch.from_numpy(np.maximum(row_norms(rows), 1e-12))
             if exclude_self:
                 qi = torch.arange(q0, q0 + len(q_qC))
                 own = (qi >= n0) & (qi < n0 + len(rows_nC))

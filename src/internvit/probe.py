@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from internvit.feature_table import folder_labels, read_features, settings_mismatch
-from internvit.index import normalize, top_k
+from internvit.index import top_k
 
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
@@ -46,21 +46,20 @@ def knn_scores(train: np.ndarray, train_labels: np.ndarray, queries: np.ndarray,
     """DINOv2's weighted k-NN vote: per k, class scores [Q, K] of each query.
 
     Args:
-        train: [N, C] features (normalised here; not modified).
+        train: [N, C] features (not modified; cosine similarity needs no normalised copy).
         train_labels: [N] class indices in 0..K-1.
         queries: [Q, C] features.
         num_classes: K.
         ks: neighbour counts; each is capped at N.
         temperature: T in exp(s / T).
     """
-    train_n = normalize(np.array(train, np.float32))
-    queries_n = normalize(np.array(queries, np.float32))
-    ks = sorted({min(k, len(train_n)) for k in ks})
+    ks = sorted({min(k, len(train)) for k in ks})
     max_k = ks[-1]
     labels = torch.as_tensor(train_labels, dtype=torch.int64)
-    out = {k: np.empty((len(queries_n), num_classes), np.float32) for k in ks}
-    for q0 in range(0, len(queries_n), query_block):
-        s_qk, i_qk = top_k(queries_n[q0:q0 + query_block], train_n, max_k)
+    out = {k: np.empty((len(queries), num_classes), np.float32) for k in ks}
+    for q0 in range(0, len(queries), query_block):
+        # cosine=True: norms per block, so 1M x 1024 training features are not copied to be normalised
+        s_qk, i_qk = top_k(queries[q0:q0 + query_block], train, max_k, cosine=True)
         w_qk = torch.softmax(torch.from_numpy(s_qk) / temperature, dim=1)  # as DINOv2: over the max_k neighbours
         neighbour_labels = labels[torch.from_numpy(i_qk)]
         for k in ks:
@@ -154,7 +153,7 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, num_classes: int, C: float, *, ma
 
 def linear_probe_fit(train: np.ndarray, y: np.ndarray, num_classes: int, *, c_grid=C_GRID,
                      held_out: float = 0.1, sweep_rows: int = 100_000, seed: int = 0,
-                     max_iter: int = MAX_ITER) -> tuple[LinearModel, dict]:
+                     max_iter: int = MAX_ITER, copy: bool = True) -> tuple[LinearModel, dict]:
     """Standardise, pick C on a held-out split of TRAIN by top-1 accuracy, refit on all of TRAIN at that C.
 
     The C path runs from the strongest regularisation to the weakest, each fit starting from the previous one.
@@ -162,13 +161,17 @@ def linear_probe_fit(train: np.ndarray, y: np.ndarray, num_classes: int, *, c_gr
     is `held_out` of those); C keeps its meaning (the weight of the summed loss against ||W||^2 / 2), so the
     refit on all rows regularises less per row, as more data should.
 
+    `copy=False` standardises `train` in place (no second [N, C] array: 4 GB at 1M x 1024).
+
     Returns:
         The model and a record of the search: {"C": chosen, "held_out_rows", "sweep_rows",
         "held_out_top1": {C: accuracy}}.
     """
     mean, std = standardize_stats(train)
-    z = train - mean
-    z /= std
+    z = np.array(train, np.float32) if copy else np.asarray(train, np.float32)
+    for i in range(0, len(z), 65536):
+        z[i:i + 65536] -= mean
+        z[i:i + 65536] /= std
     del train
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(z))[:sweep_rows]
@@ -324,7 +327,7 @@ def probe(method: str, train_file, eval_file, *, labels: str = "folder", feature
         seen = sorted(set(y_train.tolist()))
         remap = {c: i for i, c in enumerate(seen)}
         model, search = linear_probe_fit(train.vectors, np.array([remap[c] for c in y_train]), len(seen),
-                                         c_grid=c_grid, max_iter=max_iter)
+                                         c_grid=c_grid, max_iter=max_iter, copy=False)  # the table is ours
         logits = model.logits(ev.vectors)
         head_scores = np.full((len(ev), K), -np.inf, np.float32)
         head_scores[:, seen] = logits
