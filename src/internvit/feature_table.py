@@ -26,7 +26,8 @@ import numpy as np
 METADATA_KEY = b"internvit"
 # Run settings that change the numbers in a feature column; two files whose settings differ here hold
 # features from different encoders (or the same encoder seeing different pixels) and cannot be compared.
-FEATURE_KEYS = ("dtype", "tiles", "max_tiles", "frames", "preprocess", "hidden_size")
+# `exif_transpose` is recorded by newer extracts only; absent on both sides it compares equal.
+FEATURE_KEYS = ("dtype", "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
 
 
 @dataclass

@@ -302,7 +302,7 @@ def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     options.setdefault("progress", False)
     extract_features(images, out, model=model, dtype=meta.get("dtype", "bf16"), tiles=meta.get("tiles", "none"),
                      max_tiles=meta.get("max_tiles") or 12, frames=meta.get("frames", 8), layers=layers,
-                     **options)
+                     exif_transpose=meta.get("exif_transpose", True), **options)
 
 
 def search(index_dir: str | os.PathLike, queries, *, k: int = 10, **extract_options):
