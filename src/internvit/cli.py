@@ -269,7 +269,7 @@ def _add_analysis_commands(sub) -> None:
 
     p = sub.add_parser("index", help="build a search index over feature files",
                        description="Index the features of one or more feature files (same model and settings) "
-                       "for `internvit search`. --kind auto (default): exact up to 200,000 vectors, ann beyond.")
+                       "for `internvit search`. --kind auto (default): exact up to 1,000,000 vectors, ann beyond.")
     p.add_argument("features", nargs="+", metavar="FEATURES.parquet")
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--feature", default="cls", help="cls (default), mean, cls+mean, ...")

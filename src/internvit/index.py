@@ -9,13 +9,16 @@ References:
 
 Differs from autofaiss:
     - exact search is our own blocked matrix product in torch (one [queries x rows] block of scores at a time,
-      merged into a running top-k), so no [Q x N] score matrix is ever built, whatever N; "auto" uses it up to
-      200,000 vectors, where it still answers ~100 queries/s on 2 cores with no build time;
-    - the only approximate kind is HNSW32-Flat from faiss: no product quantisation (a few million 1024-d vectors
-      fit in memory as float32, and recall stays near exact). Picked by measurement (benchmarks/bench_analysis.py,
-      100k clustered 1024-d vectors, 2 cores, recall@10 against exact): faiss HNSW32 built in 57 s and answered
-      1279 queries/s at recall 1.000; usearch's HNSW32 took 75 s (f16) to 218 s (f32) and answered 759 / 394
-      queries/s at the same recall; faiss IVF-Flat (4 sqrt(N) lists, nprobe 32) built in 45 s but answered 407/s;
+      merged into a running top-k), so no [Q x N] score matrix is ever built, whatever N. "auto" keeps it up to
+      1M vectors: there it answers 27 queries/s on 2 shared cores (37 ms a query) with no build time, while an
+      HNSW graph of the same 1M took 591 s to build and reached recall@10 0.86 / 0.91 at efSearch 128 / 256
+      (benchmarks/results/analysis_*, synthetic clustered 1024-d vectors);
+    - the only approximate kind is HNSW32-Flat from faiss (efSearch 256): no product quantisation (a few million
+      1024-d vectors fit in memory as float32). Library picked by measurement (same benchmark, 100k vectors,
+      recall@10 1.000 for all): faiss HNSW32 built in 69 s and answered 1101 queries/s; usearch's HNSW32 took
+      156 s (f32; 71 s in f16) and answered 585 (f16: 972) queries/s. faiss IVF-Flat (4 sqrt(N) lists, nprobe 32)
+      matched HNSW there (34 s, 1126 queries/s) but was not measured at 1M (4,000 lists, k-means on 256k
+      points);
     - the index folder records the metadata of the features it was built from, and `search` refuses queries whose
       model or feature-determining settings differ.
 
@@ -39,7 +42,8 @@ import torch
 from internvit.feature_table import FeatureTable, read_features, settings_mismatch
 
 INDEX_KINDS = ("auto", "exact", "ann")
-EXACT_MAX_ROWS = 200_000  # "auto" builds an exact index up to this many vectors (see module docstring)
+INDEX_EXACT_MAX_ROWS = 1_000_000  # `build_index(kind="auto")`: exact up to this many vectors (module docstring)
+DEDUP_EXACT_MAX_ROWS = 200_000  # `dedup`: every pair up to this many items (N^2 / 2 products: ~12 min at 200k on 2 cores)
 INDEX_FORMAT = 1
 DEDUP_BLOCK = (2048, 32768)  # rows x columns of one block of all-pairs scores (256 MB)
 
@@ -124,7 +128,7 @@ class HNSWParams:
 
     m: int = 32
     ef_construction: int = 64
-    ef_search: int = 128
+    ef_search: int = 256
 
 
 def build_ann(vectors: np.ndarray, params: HNSWParams = HNSWParams()):
@@ -210,8 +214,8 @@ def build_index(files, out: str | os.PathLike, *, feature: str = "cls", kind: st
         files: Parquet files from `internvit extract`, all from the same model and settings.
         out: the index folder (created; an existing index there is replaced).
         feature: "cls", "mean", "cls+mean", "cls_l12", ...
-        kind: "exact" (blocked brute force), "ann" (faiss HNSW) or "auto": exact up to `EXACT_MAX_ROWS`
-            vectors, ann beyond.
+        kind: "exact" (blocked brute force), "ann" (faiss HNSW) or "auto": exact up to
+            `INDEX_EXACT_MAX_ROWS` vectors, ann beyond.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -225,7 +229,7 @@ def build_index(files, out: str | os.PathLike, *, feature: str = "cls", kind: st
     if not len(table):
         raise ValueError(f"{', '.join(map(str, table.sources))}: no rows with features ({table.skipped} error rows)")
     if kind == "auto":
-        kind = "exact" if len(table) <= EXACT_MAX_ROWS else "ann"
+        kind = "exact" if len(table) <= INDEX_EXACT_MAX_ROWS else "ann"
     vectors = normalize(table.vectors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +341,7 @@ def search(index_dir: str | os.PathLike, queries, *, k: int = 10, **extract_opti
 
 
 def dedup(files, *, threshold: float = 0.95, feature: str = "cls", neighbors: int = 32,
-          exact_max_rows: int = EXACT_MAX_ROWS):
+          exact_max_rows: int = DEDUP_EXACT_MAX_ROWS):
     """Pairs of near-duplicate items: cosine similarity >= `threshold`, highest first.
 
     Up to `exact_max_rows` vectors every pair is compared (blocked products: the threshold decides, nothing is
@@ -369,7 +373,7 @@ def dedup(files, *, threshold: float = 0.95, feature: str = "cls", neighbors: in
                     b_idx.append(jj[keep] + j0)
                     sc.append(s[ii[keep], jj[keep]])
     else:
-        ann = build_ann(x, HNSWParams(ef_search=max(128, 2 * neighbors)))
+        ann = build_ann(x, HNSWParams(ef_search=max(HNSWParams.ef_search, 2 * neighbors)))
         for q0 in range(0, n, 16384):
             s, ids = ann.search(x[q0:q0 + 16384], neighbors + 1)
             qi = np.repeat(np.arange(q0, q0 + len(s)), s.shape[1]).reshape(s.shape)
