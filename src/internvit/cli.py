@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: keep the stored dtype")
     p.add_argument("--revision")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT_DIR")
+    _add_analysis_commands(sub)
     for p in sub.choices.values():  # also after the command: `internvit extract ... --debug`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
@@ -283,6 +284,8 @@ def _run(args: argparse.Namespace) -> int:
         for path, error in read_errors(args.out):
             print(f"{path}\t{' '.join(error.split())}")
         return 0
+    if args.command in ("probe", "index", "search", "dedup", "viz"):
+        return _analysis(args)
     if args.command == "train":
         return _train(args)
     if args.command == "data":
@@ -387,6 +390,131 @@ def _train(args: argparse.Namespace) -> int:
         print(f"stage {cfg.stage}: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
               f"run folder {args.out}", file=sys.stderr)
     return 0
+
+
+def _add_analysis_commands(sub) -> None:
+    """probe, index, search, dedup and viz: what users do with extracted features (`_analysis` runs them)."""
+    p = sub.add_parser("probe", help="k-NN or linear probe of labelled features: top-1/top-5, per class, confusion",
+                       description="Probe how well the features separate labelled classes. knn: DINOv2's weighted "
+                       "k-NN (cosine, k = 10, 20, 100, 200, T = 0.07); linear: logistic regression on standardised "
+                       "features, C chosen on a held-out 10%% of TRAIN. Writes report.json and confusion.png.")
+    p.add_argument("method", choices=["knn", "linear"])
+    p.add_argument("--train", required=True, help="feature Parquet file of the training images")
+    p.add_argument("--eval", required=True, help="feature Parquet file of the evaluation images")
+    p.add_argument("--labels", default="folder",
+                   help="folder: each image's parent folder is its class (ImageFolder layout, default); "
+                   "else the name of a column holding the label")
+    p.add_argument("--feature", default="cls", help="cls (default), mean, cls+mean, or any feature column(s)")
+    p.add_argument("--out", help="report folder: report.json and confusion.png")
+
+    p = sub.add_parser("index", help="build a search index over feature files",
+                       description="Index the features of one or more feature files (same model and settings) "
+                       "for `internvit search`. --kind auto (default): exact up to 1,000,000 vectors, ann beyond.")
+    p.add_argument("features", nargs="+", metavar="FEATURES.parquet")
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--feature", default="cls", help="cls (default), mean, cls+mean, ...")
+    p.add_argument("--kind", choices=["auto", "exact", "ann"], default="auto",
+                   help="exact: blocked brute force; ann: faiss IVF-Flat; auto: by size (default)")
+
+    p = sub.add_parser("search", help="find the nearest indexed images of query images or feature rows",
+                       description="Query an index with images (encoded with the index's own model and settings) "
+                       "or .parquet feature files (each row a query; refused if from another model).")
+    p.add_argument("index_dir", metavar="INDEX_DIR")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="images, folders, globs, or .parquet feature files")
+    p.add_argument("-k", type=_positive, default=10, help="results per query (default: 10)")
+    p.add_argument("--out", help="results Parquet file (query, rank, path, score); default: a table on stdout")
+    p.add_argument("--device", help="for encoding query images (default: cuda if available, else cpu)")
+
+    p = sub.add_parser("dedup", help="near-duplicate pairs of a feature file",
+                       description="Pairs of items whose features have cosine similarity >= --threshold, highest "
+                       "first: every pair up to 200,000 items, the nearest neighbours from an ANN index beyond.")
+    p.add_argument("features", metavar="FEATURES.parquet")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default: 0.95)")
+    p.add_argument("--out", required=True, help="pairs Parquet file (path_a, path_b, score)")
+    p.add_argument("--feature", default="cls", help="cls (default), mean, cls+mean, ...")
+
+    p = sub.add_parser("viz", help="pictures of the features: PCA maps, CLS attention")
+    viz_sub = p.add_subparsers(dest="viz_command", required=True)
+    for name, text in (("pca", "the stitched patch-token map's first 3 principal components as RGB, beside the "
+                        "image (one PNG per image)"),
+                       ("attention", "the CLS attention of one layer, one map per head on the stitched grid "
+                        "(one PNG per image)")):
+        p = viz_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, globs or list files")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+        p.add_argument("--layer", type=int,
+                       help="hidden_states index: 0 = embeddings, -1 = last (default)" if name == "pca" else
+                       "attention layer 1..L, -1 = last (default)")
+        p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
+                       help="none: the single centre-cropped tile (default); dynamic: InternVL tiles, stitched")
+        p.add_argument("--max-tiles", type=_positive, default=12)
+        p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+        p.add_argument("--device")
+        if name == "pca":
+            p.add_argument("--mask-threshold", type=float,
+                           help="also draw a foreground mask: first component (scaled to 0..1) above this")
+
+
+def _analysis(args: argparse.Namespace) -> int:
+    try:
+        return _analysis_run(args)
+    except ImportError as e:  # a missing optional dependency: one line, no traceback
+        print(f"internvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _analysis_run(args: argparse.Namespace) -> int:
+    if args.command == "probe":
+        from internvit.probe import probe
+
+        r = probe(args.method, args.train, args.eval, labels=args.labels, feature=args.feature, out=args.out)
+        for name, res in r.results.items():
+            print(f"{name}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%")
+        if r.method == "linear":
+            print(f"C = {r.details['C']:g} (chosen on {r.details['held_out_rows']} held-out TRAIN rows)")
+        print(f"{len(r.classes)} classes; train {r.train['rows']} rows ({r.train['skipped']} error rows skipped), "
+              f"eval {r.eval['rows']} rows ({r.eval['skipped']} skipped); {r.seconds:.1f} s"
+              + (f"; report in {args.out}" if args.out else ""), file=sys.stderr)
+        return 0
+    if args.command == "index":
+        from internvit.index import build_index
+
+        info = build_index(args.features, args.out, feature=args.feature, kind=args.kind)
+        print(f"{info.out}: {info.kind} index of {info.count} vectors of {info.dim} ({args.feature}), "
+              f"{info.skipped} error rows skipped; {info.seconds:.1f} s", file=sys.stderr)
+        return 0
+    if args.command == "search":
+        from internvit.index import search
+
+        table = search(args.index_dir, args.queries, k=args.k, device=args.device)
+        if args.out:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, args.out)
+            print(f"wrote {table.num_rows} results to {args.out}", file=sys.stderr)
+        else:
+            for q, rank, path, score in zip(*(table.column(c).to_pylist() for c in ("query", "rank", "path", "score"))):
+                print(f"{q}\t{rank}\t{score:.4f}\t{path}")
+        return 0
+    if args.command == "dedup":
+        import pyarrow.parquet as pq
+
+        from internvit.index import dedup
+
+        pairs = dedup(args.features, threshold=args.threshold, feature=args.feature)
+        pq.write_table(pairs, args.out)
+        print(f"wrote {pairs.num_rows} pairs with similarity >= {args.threshold} to {args.out}", file=sys.stderr)
+        return 0
+    if args.command == "viz":
+        from internvit.viz import viz
+
+        written = viz(args.viz_command, args.images, args.out, model=args.model, layer=args.layer, tiles=args.tiles,
+                      max_tiles=args.max_tiles, mask_threshold=getattr(args, "mask_threshold", None),
+                      dtype=args.dtype, device=args.device)
+        print(f"wrote {len(written)} picture(s) to {args.out}", file=sys.stderr)
+        return 0
+    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":
