@@ -128,7 +128,9 @@ def test_broken_inputs_exit_2_with_one_line(world, tmp_path):
     other = tmp_path / "other.parquet"
     table = pq.read_table(f)
     meta = json.loads(table.schema.metadata[b"internvit"])
+    assert meta["weights_fingerprint"].startswith("sha256:")  # extract records what the weights are
     meta["model"] = "/some/other/checkpoint"
+    meta["weights_fingerprint"] = "sha256:" + "0" * 32  # other weights
     pq.write_table(table.replace_schema_metadata({b"internvit": json.dumps(meta).encode()}), other)
     run_cli("index", f, "--out", tmp_path / "idx")
-    assert_one_line_error(run_cli("search", tmp_path / "idx", other, rc=None), "search", "/some/other/checkpoint")
+    assert_one_line_error(run_cli("search", tmp_path / "idx", other, rc=None), "search", "sha256:" + "0" * 32)
