@@ -1,4 +1,5 @@
-"""Atomic file writes: readers (and a run killed midway) never see half a file."""
+"""File helpers: atomic writes (readers, and a run killed midway, never see half a file) and pyarrow filesystems
+for local paths and URIs."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def filesystem(uri_or_path: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows (s3://, gs://, hdfs://...)."""
+    import pyarrow.fs as pafs
+
+    if is_uri(uri_or_path):
+        return pafs.FileSystem.from_uri(uri_or_path)
+    return pafs.LocalFileSystem(), os.path.abspath(uri_or_path)

@@ -239,7 +239,9 @@ def _one_line(e: BaseException) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "extract":
-        common = dict(  # the options both engines take
+        from internvit.extract.core import ExtractOptions
+
+        options = ExtractOptions(  # built once, for either engine
             model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
             layers=args.layers, patch_tokens=args.patch_tokens, visual_tokens=args.visual_tokens,
@@ -249,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
             from internvit.extract.ray import RayRunError, extract_features_ray
 
             try:
-                s = extract_features_ray(args.sources, args.out, **common, address=args.address,
+                s = extract_features_ray(args.sources, args.out, options, address=args.address,
                                          num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor)
             except RayRunError as e:
                 print(f"internvit extract: error: {e}", file=sys.stderr)
@@ -265,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0 if s.ok else 1
         from internvit.extract import extract_features
 
-        s = extract_features(args.sources, args.out, **common, num_workers=args.workers,
+        s = extract_features(args.sources, args.out, options, num_workers=args.workers,
                              flush_seconds=args.flush_seconds)
         busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
         print(

@@ -67,6 +67,18 @@ class TiledFeatures:
     cls: torch.Tensor
     patch_tokens: torch.Tensor
 
+    @classmethod
+    def from_tokens(cls, layout: TileLayout, tokens_TNC: torch.Tensor) -> TiledFeatures:
+        """From the encoder's tokens of the image's tiles [T, 1 + h*w, C] (square patch grids)."""
+        T, N, C = tokens_TNC.shape
+        side = int(round((N - 1) ** 0.5))
+        return cls(layout, tokens_TNC[:, 0], tokens_TNC[:, 1:].reshape(T, side, side, C))
+
+    @property
+    def image_cls(self) -> torch.Tensor:
+        """The CLS of the view that saw the whole image: the thumbnail's of a tiled image, else the single tile's."""
+        return self.cls[-1] if self.layout.thumbnail else self.cls[0]
+
     @property
     def grid_patch_tokens(self) -> torch.Tensor:
         """The grid tiles only (no thumbnail), [cols*rows, h, w, C]."""
@@ -109,12 +121,7 @@ def encode_images(model: InternVisionModel, images: Sequence[ImageSource | Tiled
     tiled = _as_tiled(images, min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail,
                       share_budget=share_budget, tile_size=model.config.image_size)
     encoded = encode_tiles(model, [t.pixel_values for t in tiled], micro_batch=micro_batch, layers=(layer,))
-    out = []
-    for t, (tokens_TNC,) in zip(tiled, encoded):
-        T, N, C = tokens_TNC.shape
-        side = int(round((N - 1) ** 0.5))
-        out.append(TiledFeatures(t.layout, tokens_TNC[:, 0], tokens_TNC[:, 1:].reshape(T, side, side, C)))
-    return out
+    return [TiledFeatures.from_tokens(t.layout, tokens_TNC) for t, (tokens_TNC,) in zip(tiled, encoded)]
 
 
 def visual_tokens(model: InternVisionModel, images: Sequence[ImageSource | TiledImage], *,

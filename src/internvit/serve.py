@@ -7,8 +7,9 @@ References:
       answered at once with an error, Prometheus metrics): spec/peers.md.
     - Ray Serve's FastAPI ingress (`serve.ingress`) for scale-out: the same app, one model per replica.
 
-The features are `internvit extract`'s: requests go through the same preprocessing (`_Prepare`) and the same
-row builder (`_Encoder`), so an embedding equals the `cls` row that `extract` writes for the same file and options.
+The features are `internvit extract`'s: the server is one more engine over the extraction core (`extract/core.py`:
+`ExtractOptions`, `load_model`, `Prepare`, `RowEncoder`), so an embedding equals the `cls` row that `extract`
+writes for the same file and options.
 
 Flow: the event loop only parses requests. Images are decoded and tiled in a thread pool, then queued as items for
 one encoder thread, which takes every waiting item with the same feature request (layers, patch and visual
@@ -34,15 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from internvit.extract.local import (
-    _Encoder,
-    _Item,
-    _load_encoder,
-    _Prepare,
-    _processor_for,
-    check_device,
-    check_options,
-)
+from internvit.extract.core import ExtractOptions, Item, Prepare, RowEncoder, load_model
 from internvit.model.vision import layer_indices
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
@@ -71,12 +64,19 @@ class ServeOptions:
     exif_transpose: bool = True
 
     def __post_init__(self) -> None:
-        check_options(tiles=self.tiles, max_tiles=self.max_tiles, batch_size=self.max_batch_tiles, frames=1)
+        self.extract_options()  # validates the options shared with extract
         for name in ("max_queue", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.max_body_mb <= 0:
             raise ValueError("--max-wait-ms must be >= 0 and --max-body-mb > 0")
+
+
+    def extract_options(self) -> ExtractOptions:
+        """The options an `internvit extract` run with the same features would take."""
+        return ExtractOptions(model=self.model, revision=self.revision, dtype=self.dtype, device=self.device,
+                              batch_size=self.max_batch_tiles, tiles=self.tiles, max_tiles=self.max_tiles,
+                              max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, progress=False)
 
 
 class BadInput(ValueError):
@@ -94,7 +94,7 @@ class FeatureRequest:
 
 @dataclass
 class _Job:
-    item: _Item
+    item: Item
     want: FeatureRequest
     done: Callable[[dict | BaseException], None]
     tiles: int = field(init=False)
@@ -148,20 +148,15 @@ class Engine:
     """The model, the decode pool and the encoder thread with its batching queue."""
 
     def __init__(self, options: ServeOptions) -> None:
-        from internvit.preprocess import DEFAULT_MAX_PIXELS
-
         self.options = options
-        device = check_device(options.device)
-        self.vit, self.source, _ = _load_encoder(options.model, dtype=options.dtype, device=device,
-                                                 revision=options.revision, projector=None)
-        config = self.vit.config
-        self.prepare = _Prepare(_processor_for(getattr(self.vit, "checkpoint", None)), options.tiles,
-                                options.max_tiles, 1, config.image_size, options.exif_transpose,
-                                DEFAULT_MAX_PIXELS if options.max_pixels is None else options.max_pixels)
+        extract = options.extract_options()
+        self.loaded = load_model(extract)
+        self.vit, self.source = self.loaded.vit, self.loaded.source
+        self.prepare = Prepare.for_model(extract, self.loaded)
         self.metrics = Metrics()
         self.decoders = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="internvit-decode")
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._encoders: dict[FeatureRequest, _Encoder] = {}
+        self._encoders: dict[FeatureRequest, RowEncoder] = {}
         self._admitted = 0
         self._lock = threading.Lock()
         self.ready = False
@@ -186,7 +181,7 @@ class Engine:
 
     # ---- work ------------------------------------------------------------------------------------------
 
-    def decode(self, index: int, data: bytes) -> _Item:
+    def decode(self, index: int, data: bytes) -> Item:
         """Bytes -> tiles, as `extract` prepares a file (in a decode thread)."""
         item = self.prepare(f"input[{index}]", data)
         if item.error is not None:
@@ -206,7 +201,7 @@ class Engine:
             raise result
         self.ready = True
 
-    def submit(self, item: _Item, want: FeatureRequest, done: Callable[[dict | BaseException], None]) -> None:
+    def submit(self, item: Item, want: FeatureRequest, done: Callable[[dict | BaseException], None]) -> None:
         job = _Job(item, want, done)
         self.metrics.waiting_tiles.inc(job.tiles)
         self._jobs.put(job)
@@ -260,9 +255,9 @@ class Engine:
         try:
             encoder = self._encoders.get(want)
             if encoder is None:
-                encoder = self._encoders[want] = _Encoder(
-                    self.vit, layers=want.layers, micro_batch=self.options.max_batch_tiles,
-                    patch_tokens=want.patch_tokens, visual_tokens=want.visual_tokens, projector=None)
+                encoder = self._encoders[want] = RowEncoder(
+                    self.loaded, layers=want.layers, patch_tokens=want.patch_tokens,
+                    visual_tokens=want.visual_tokens, micro_batch=self.options.max_batch_tiles)
             start = time.perf_counter()
             columns = encoder([job.item for job in batch])
             self.metrics.encoded(tiles, len({id(job.done) for job in batch}), time.perf_counter() - start)
@@ -541,9 +536,9 @@ def serve_ray(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 800
     Without `address` a local Ray instance bound to loopback is started. With `blocking`, runs until Ctrl-C or
     SIGTERM, then shuts Serve down; else returns the deployment handle.
     """
-    from internvit.extract.ray import _connect
+    from internvit.extract.ray import connect
 
-    _connect(address)
+    connect(address)
     from ray import serve as ray_serve
 
     app = build_app(options)

@@ -3,14 +3,15 @@
 References:
     - Ray Data batch inference: https://docs.ray.io/en/latest/data/batch_inference.html (a pool of actors, one
       model each, fed by CPU tasks);
-    - `extract/local.py`: the per-input preprocessing (`_Prepare`), the encoder and its columns (`_Encoder`) and the
-      output schema, used here unchanged, so the two engines cannot drift apart.
+    - `extract/core.py`: the options, the per-input preprocessing (`Prepare`), the encoder and its columns
+      (`RowEncoder`) and the output schema, used here unchanged, so the engines cannot drift apart; the inputs
+      (`sources.list_inputs`) and the shard folder (`store.ShardStore`) have their own modules.
 
 The pipeline is one streamed Ray Data dataset:
 
     inputs: paths (local folders, globs, list files, remote URIs) and Parquet tables of paths or image bytes
-      -> prepare: open, decode and tile each input            CPU tasks, 1 CPU each (`_Prepare`)
-      -> encode:  a fixed pool of actors, one model each       GPU or CPU, fractional CPUs (`_Encoder`)
+      -> prepare: open, decode and tile each input            CPU tasks, 1 CPU each (`Prepare`)
+      -> encode:  a fixed pool of actors, one model each       GPU or CPU, fractional CPUs (`RowEncoder`)
       -> write:   a Parquet shard per `rows_per_shard` rows    CPU tasks, each shard written whole, then renamed
 
 The driver only lists the inputs, reads which of them the output already holds, sizes the actor pool from the
@@ -28,7 +29,7 @@ Differs from the local engine:
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import os
 import pickle
 import threading
@@ -38,21 +39,19 @@ from pathlib import Path
 
 import torch
 
-from internvit.extract.local import (
+from internvit._fileio import filesystem, is_uri
+from internvit.extract.core import (
+    ExtractOptions,
     ExtractSummary,
-    _Encoder,
-    _Item,
-    _load_encoder,
-    _output_schema,
-    _Prepare,
-    _processor_for,
-    check_options,
-    model_name,
+    Item,
+    Prepare,
+    RowEncoder,
+    inspect_model,
+    load_model,
+    output_schema,
 )
-from internvit.extract.store import output_lock
-from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
-from internvit.model.vision import layer_indices
-from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
+from internvit.extract.sources import list_inputs, read_bytes
+from internvit.extract.store import ShardStore, output_lock, shard_name, write_whole
 
 # Ray (2.40 to 2.60 at least) turns `_node_ip_address="127.0.0.1"` (and `ray start --node-ip-address 127.0.0.1`)
 # into the machine's network address (`ray._private.services.resolve_ip_for_localhost`) and listens on every
@@ -61,7 +60,6 @@ from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TASK_CPUS = 1.0  # what each prepare or write task reserves; the actor pool always leaves this much free
 PREPARE_MEMORY = 1 << 30  # what each prepare task reserves: a worker with torch (~450 MB) + a 100 MP image (300 MB)
-SHARD_PREFIX = "part-"
 SHARD_BYTES = 256 << 20  # the size a default shard stays under
 MAX_INPUT_BLOCKS = 1000  # path lists are cut into at most this many blocks (25k take the driver a minute)
 
@@ -81,194 +79,14 @@ class RayExtractSummary(ExtractSummary):
 # ---- inputs ----------------------------------------------------------------------------------------------
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _filesystem(uri_or_path: str):
-    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows (s3://, gs://, hdfs://...)."""
-    import pyarrow.fs as pafs
-
-    if _is_uri(uri_or_path):
-        return pafs.FileSystem.from_uri(uri_or_path)
-    return pafs.LocalFileSystem(), os.path.abspath(uri_or_path)
-
-
-def _read_bytes(uri: str) -> bytes:
-    fs, path = _filesystem(uri)
-    with fs.open_input_file(path) as f:
-        return f.readall()
-
-
-def _list_remote(uri: str) -> list[str]:
-    """A remote folder (recursive, image and video extensions), list file, or single input, as URIs."""
-    import pyarrow.fs as pafs
-
-    from internvit.preprocess.image import is_image_name
-    from internvit.preprocess.video import is_video_name
-
-    fs, root = _filesystem(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.Directory:
-        base = uri.rstrip("/")
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        names = sorted(f.path for f in found if f.type == pafs.FileType.File
-                       and (is_image_name(f.base_name) or is_video_name(f.base_name)))
-        return [base + name[len(root.rstrip("/")):] for name in names]
-    if info.type == pafs.FileType.File and os.path.splitext(root)[1].lower() in LIST_EXTENSIONS:
-        lines = (line.strip() for line in _read_bytes(uri).decode("utf-8").splitlines())
-        return [line for line in lines if line and not line.startswith("#")]
-    return [uri]  # a missing remote file becomes a row with its error, as a missing local one
-
-
-@dataclass
-class _Inputs:
-    paths: list[str]  # every distinct input, in order: local absolute paths, URIs, or a table's `path` values
-    tables: dict[str, list[str]]  # Parquet tables that carry the bytes: uri -> its paths (read by Ray Data)
-
-
-def _list_inputs(sources, *, path_column: str, bytes_column: str) -> _Inputs:
-    """Sources as `expand_sources`, plus remote URIs and `.parquet` tables (a path column, maybe a bytes column)."""
-    import pyarrow.parquet as pq
-
-    paths: dict[str, None] = {}
-    tables: dict[str, list[str]] = {}
-    for source in sources:
-        source = os.fspath(source)
-        if source.lower().endswith(".parquet"):
-            fs, path = _filesystem(source)
-            schema = pq.read_schema(path, filesystem=fs)
-            if path_column not in schema.names:
-                raise ValueError(f"{source}: an input table needs a {path_column!r} column (it has "
-                                 f"{', '.join(schema.names)})")
-            rows = pq.read_table(path, columns=[path_column], filesystem=fs).column(path_column).to_pylist()
-            if any(p is None for p in rows):
-                raise ValueError(f"{source}: the {path_column!r} column has nulls; every row needs a name")
-            if bytes_column in schema.names:
-                tables[source] = rows
-            else:
-                paths.update((p if _is_uri(p) else os.path.abspath(p), None) for p in rows)
-        elif _is_uri(source):
-            paths.update((p, None) for p in _list_remote(source))
-        elif os.path.isfile(source) and os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
-            with open(source, encoding="utf-8") as f:  # as `expand_sources`, but a line may be a URI
-                lines = [line.strip() for line in f]
-            paths.update((p if _is_uri(p) else os.path.abspath(p), None)
-                         for p in lines if p and not p.startswith("#"))
-        else:
-            paths.update((p, None) for p in expand_sources([source]))
-    for rows in tables.values():
-        paths.update((p, None) for p in rows)
-    return _Inputs(list(paths), tables)
-
-
 # ---- the output folder -----------------------------------------------------------------------------------
-
-
-def _shard_name(paths: list[str]) -> str:
-    """Named by its inputs: a write task that Ray retries rewrites the same shard instead of adding one."""
-    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:24]
-    return f"{SHARD_PREFIX}{digest}.parquet"
-
-
-def _write_table(fs, path: str, table) -> None:
-    """Whole files only: tmp + rename on a local disk; object stores publish an object when it is closed."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        from internvit._fileio import atomic_write
-
-        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    else:
-        with fs.open_output_stream(path) as f:
-            pq.write_table(table, f)
-
-
-class _Shards:
-    """The output folder: `part-*.parquet` shards with the local engine's schema and metadata."""
-
-    def __init__(self, out: str) -> None:
-        import pyarrow.fs as pafs
-
-        self.fs, self.root = _filesystem(out)
-        info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.File:
-            raise ValueError(f"{out} is a file; the ray engine writes a folder of Parquet shards, choose another --out")
-        self.fs.create_dir(self.root, recursive=True)
-
-    def files(self) -> list[str]:
-        """Oldest first (by modification time, then name): later shards win when a path is in two."""
-        import pyarrow.fs as pafs
-
-        found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        found = [f for f in found if f.type == pafs.FileType.File and f.base_name.startswith(SHARD_PREFIX)
-                 and f.base_name.endswith(".parquet")]
-        return [f.path for f in sorted(found, key=lambda f: (f.mtime_ns or 0, f.base_name))]
-
-    def check_compatible(self, schema) -> None:
-        """As `FeatureStore`: resuming with other settings (model, dtype, layers, ...) is refused."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from internvit.extract.store import check_compatible, read_metadata, unreadable_output
-
-        wanted = read_metadata(schema)
-        for path in self.files():
-            try:
-                have = read_metadata(pq.read_schema(path, filesystem=self.fs))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise unreadable_output(path, e) from None
-            check_compatible(have, wanted, path=path)
-
-    def _rows(self) -> list[tuple[str, list[str], list[str | None]]]:
-        import pyarrow.parquet as pq
-
-        out = []
-        for path in self.files():
-            table = pq.read_table(path, columns=["path", "error"], filesystem=self.fs)
-            out.append((path, table.column("path").to_pylist(), table.column("error").to_pylist()))
-        return out
-
-    def finished(self, *, include_errors: bool = True) -> set[str]:
-        """Paths that already have a row (by default also those whose row is an error)."""
-        done: dict[str, bool] = {}
-        for _, paths, errors in self._rows():
-            done.update((p, e is None) for p, e in zip(paths, errors))
-        return {p for p, ok in done.items() if ok or include_errors}
-
-    def failed(self) -> int:
-        return sum(e is not None for _, _, errors in self._rows() for e in errors)
-
-    def dedupe(self) -> int:
-        """Keep each path's newest row: rewrite (or remove) the shards that hold older ones. Returns rows dropped."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = self._rows()
-        newest: dict[str, tuple[int, int]] = {}
-        for fi, (_, paths, _) in enumerate(rows):
-            for ri, p in enumerate(paths):
-                newest[p] = (fi, ri)
-        dropped = 0
-        for fi, (path, paths, _) in enumerate(rows):
-            keep = [newest[p] == (fi, ri) for ri, p in enumerate(paths)]
-            if all(keep):
-                continue
-            dropped += len(keep) - sum(keep)
-            if any(keep):
-                table = pq.read_table(path, filesystem=self.fs)
-                _write_table(self.fs, path, table.filter(pa.array(keep)))
-            else:
-                self.fs.delete_file(path)
-        return dropped
 
 
 # ---- the three stages (module level: Ray imports them by name on the workers) ----------------------------
 
 
-def _prepare_batch(batch, *, prepare: _Prepare, skip: frozenset):
-    """Rows (path, maybe data) -> one pickled `_Item` per input: its tiles, or the error that stopped it."""
+def _prepare_batch(batch, *, prepare: Prepare, skip: frozenset):
+    """Rows (path, maybe data) -> one pickled `Item` per input: its tiles, or the error that stopped it."""
     import pyarrow as pa
 
     torch.set_num_threads(1)  # as the local engine's loader workers: the encoder owns the cores
@@ -278,11 +96,11 @@ def _prepare_batch(batch, *, prepare: _Prepare, skip: frozenset):
     for path, data in zip(paths, datas):
         if path in skip:
             continue
-        if data is None and _is_uri(path):
+        if data is None and is_uri(path):
             try:
-                data = _read_bytes(path)
+                data = read_bytes(path)
             except Exception as e:  # missing, no permission, network: the input's row says so
-                items.append(pickle.dumps(_Item(path, error=f"{path}: {e.__class__.__name__}: {e}"), protocol=5))
+                items.append(pickle.dumps(Item(path, error=f"{path}: {e.__class__.__name__}: {e}"), protocol=5))
                 continue
         items.append(pickle.dumps(prepare(path, data), protocol=5))
     return pa.table({"item": pa.array(items, pa.large_binary())})
@@ -306,17 +124,14 @@ class _Progress:
 
 
 class _EncodeActor:
-    """One model per actor: a batch of pickled `_Item`s -> their rows, as the local engine's `_Encoder` makes them."""
+    """One model per actor: a batch of pickled `Item`s -> their rows, as `RowEncoder` makes them for every engine."""
 
-    def __init__(self, *, model, dtype, device, revision, projector, layers, batch_size, patch_tokens,
-                 visual_tokens, threads, schema, progress) -> None:
+    def __init__(self, *, options: ExtractOptions, threads, schema, progress) -> None:
         if threads:
             torch.set_num_threads(threads)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs this actor did not ask for
-        vit, _, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
-        self.encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
-                                visual_tokens=visual_tokens, projector=proj)
+        # Ray hides the GPUs this actor did not ask for: "default" means what it was given.
+        loaded = load_model(options, options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder = RowEncoder.for_options(loaded, options)
         self.schema, self.progress = schema, progress
 
     def __call__(self, batch):
@@ -339,9 +154,9 @@ def _write_batch(batch, *, out: str, schema):
     table = batch.select(schema.names).cast(schema).replace_schema_metadata(schema.metadata)
     if table.num_rows == 0:
         return pa.table({"shard": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
-    fs, root = _filesystem(out)
-    name = _shard_name(table.column("path").to_pylist())
-    _write_table(fs, f"{root.rstrip('/')}/{name}", table)
+    fs, root = filesystem(out)
+    name = shard_name(table.column("path").to_pylist())
+    write_whole(fs, f"{root.rstrip('/')}/{name}", table)
     return pa.table({"shard": [name], "rows": [table.num_rows]})
 
 
@@ -353,7 +168,7 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def _connect(address: str | None) -> tuple[bool, float]:
+def connect(address: str | None) -> tuple[bool, float]:
     """Start a local instance on loopback (address None) or connect to `address`; (started by us, seconds)."""
     t = time.perf_counter()
     if address is None or _is_loopback(address):
@@ -435,17 +250,6 @@ def _size_pool(num_actors: int | None, cpus_per_actor: float | None, gpus_per_ac
     return _Pool(num_actors, cpus_per_actor, gpus_per_actor, threads)
 
 
-def _inspect_model(model, *, dtype, revision):
-    """Resolve and check the checkpoint on the driver without loading its weights: (checkpoint, config, dtype)."""
-    from internvit.model.vision import InternVisionModel
-    from internvit.weights import check_state_dict, load_checkpoint, parse_dtype
-
-    ckpt, config, sd = load_checkpoint(model, revision=revision)  # memory-mapped, not read
-    with torch.device("meta"):
-        check_state_dict(InternVisionModel(config), sd, source=ckpt.source)
-    return ckpt, config, parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
-
-
 def _rows_per_shard(config, *, tiles_per_row: int, pooled: int, patch_tokens: bool, visual_width: int) -> int:
     """Up to 1000 rows, fewer when a row is wide, so that a shard (and a write task's input) stays < SHARD_BYTES."""
     tokens = (config.image_size // config.patch_size) ** 2  # patch tokens per tile: 1024 at 448 px
@@ -457,23 +261,8 @@ def _rows_per_shard(config, *, tiles_per_row: int, pooled: int, patch_tokens: bo
 def extract_features_ray(
     sources,
     out: str | os.PathLike,
+    options: ExtractOptions | None = None,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
-    dtype: str | torch.dtype | None = "bf16",
-    device: str | None = None,
-    batch_size: int = 8,
-    tiles: str = "none",
-    max_tiles: int = DEFAULT_MAX_TILES,
-    frames: int = 8,
-    layers=(),
-    patch_tokens: bool = False,
-    visual_tokens: bool = False,
-    projector: str | None = None,
-    exif_transpose: bool = True,
-    max_pixels: int | None = None,
-    retry_errors: bool = False,
-    revision: str | None = None,
-    progress: bool = True,
     address: str | None = None,
     num_actors: int | None = None,
     gpus_per_actor: float = 0,
@@ -482,18 +271,19 @@ def extract_features_ray(
     path_column: str = "path",
     bytes_column: str = "bytes",
     stall_timeout: float | None = 1800.0,
+    **fields,
 ) -> RayExtractSummary:
     """Extract features of every input named by `sources` into the folder `out`, on Ray Data.
 
-    The options shared with `extract_features` mean the same and give the same rows (see the README); these are
-    the Ray engine's own:
+    `options` (an `ExtractOptions`, or its fields as keywords) mean the same as for `extract_features` and give
+    the same rows (see the README); `options.device` is the actors' device (default CUDA where the actor has a GPU).
+    These are the Ray engine's own:
 
     Args:
         sources: as `extract_features`, plus URIs (`s3://bucket/photos/`, `gs://...`, any filesystem pyarrow
             opens) and `.parquet` tables with a `path_column` (each row's name) and optionally a `bytes_column`
             (the encoded image; rows without it are opened by path).
         out: a folder (local, shared or a URI) of Parquet shards; inputs that already have a row there are skipped.
-        device: the actors' device; default CUDA where the actor has a GPU.
         address: a Ray cluster (`ray://head:10001`, `head:6379`, `auto`); None starts a local instance on
             loopback, shut down at the end. An already initialised Ray is used as it is.
         num_actors: encoder actors (one model each); default one per GPU group, or one per node for CPU actors.
@@ -505,64 +295,51 @@ def extract_features_ray(
         path_column, bytes_column: the columns of input tables.
         stall_timeout: fail with a message after this many seconds without a finished batch (None = never).
     """
-    from internvit.preprocess import DEFAULT_MAX_PIXELS
-
-    check_options(tiles=tiles, max_tiles=max_tiles, batch_size=batch_size, frames=frames)
-    if isinstance(model, torch.nn.Module):
+    if options is None:
+        options = ExtractOptions(**fields)
+    elif fields:
+        raise TypeError(f"pass the options as ExtractOptions or as keywords, not both ({', '.join(fields)})")
+    if isinstance(options.model, torch.nn.Module):
         raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
     out = os.fspath(out)
     with contextlib.ExitStack() as stack:
-        if not _is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep
+        if not is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep
             stack.enter_context(output_lock(out.rstrip("/\\") or out))
         start = time.perf_counter()
-
-        ckpt, config, target = _inspect_model(model, dtype=dtype, revision=revision)
-        projector_width = None
-        if projector is not None:
-            from internvit.model.projector import load_projector
-
-            projector_width = load_projector(projector, revision=None).config.llm_hidden_size
-            visual_tokens = True
-        processor = _processor_for(ckpt)
-        layers = layer_indices(layers, config.num_hidden_layers)
-        schema = _output_schema(config, source=model_name(model), dtype=target, processor=processor, layers=layers,
-                                patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
-                                projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames,
-                                exif_transpose=exif_transpose, fingerprint=ckpt.fingerprint())
-
+        loaded = inspect_model(options)  # the driver reads no weights
+        schema = output_schema(options, loaded)
+        config = loaded.vit.config
         if rows_per_shard is None:
-            tiles_per_row = max(frames, max_tiles + 1 if tiles == "dynamic" else 1)
-            rows_per_shard = _rows_per_shard(config, tiles_per_row=tiles_per_row, pooled=1 + len(layers),
-                                             patch_tokens=patch_tokens,
-                                             visual_width=(projector_width or 4 * config.hidden_size) * visual_tokens)
-        shards = _Shards(out)
-        shards.check_compatible(schema)
+            tiles_per_row = max(options.frames, options.max_tiles + 1 if options.tiles == "dynamic" else 1)
+            width = loaded.projector.config.llm_hidden_size if loaded.projector else 4 * config.hidden_size
+            rows_per_shard = _rows_per_shard(config, tiles_per_row=tiles_per_row, pooled=1 + len(options.layers),
+                                             patch_tokens=options.patch_tokens,
+                                             visual_width=width * options.visual_tokens)
+        shards = ShardStore(out, schema)
         shards.dedupe()  # a run killed between writing a retried row and removing the old one
-        done = shards.finished(include_errors=not retry_errors)
-        inputs = _list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
+        done = shards.finished(include_errors=not options.retry_errors)
+        inputs = list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
         todo = [p for p in inputs.paths if p not in done]
         by_bytes = {p for rows in inputs.tables.values() for p in rows}
         summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0)
         if todo:
-            prepare = _Prepare(processor, tiles, max_tiles, frames, config.image_size, exif_transpose,
-                               DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
             by_path = [p for p in todo if p not in by_bytes]
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
-            run = dict(model=os.fspath(model), dtype=dtype, device=device, revision=revision, projector=projector,
-                       layers=layers, batch_size=batch_size, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
-            _run(by_path, tables, frozenset(done), prepare=prepare, run=run, schema=schema, out=out, summary=summary,
-                 address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+            actor_options = dataclasses.replace(options, model=os.fspath(options.model))
+            _run(by_path, tables, frozenset(done), prepare=Prepare.for_model(options, loaded),
+                 options=actor_options, schema=schema, out=out, summary=summary, address=address,
+                 num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                  rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
-                 stall_timeout=stall_timeout, progress=progress)
+                 stall_timeout=stall_timeout)
             shards.dedupe()
         summary.failed = shards.failed()
         summary.seconds = time.perf_counter() - start
         return summary
 
 
-def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, num_actors, gpus_per_actor,
-         cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout, progress) -> None:
-    started, summary.load_seconds = _connect(address)
+def _run(by_path, tables, done, *, prepare, options, schema, out, summary, address, num_actors, gpus_per_actor,
+         cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
+    started, summary.load_seconds = connect(address)
     import pyarrow as pa
     import ray
     import ray.data
@@ -573,7 +350,7 @@ def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, 
     stop = threading.Event()
     threads: list[threading.Thread] = []  # the consumer, for `_shutdown`
     try:
-        batch_size = run["batch_size"]
+        batch_size = options.batch_size
         # Inputs per block (one prepare task each, and the unit the actors are fed in): one batch, so that small
         # runs spread over every actor, but at most MAX_INPUT_BLOCKS blocks (each is a put by the driver).
         step = batch_size * max(1, -(-len(by_path) // (batch_size * MAX_INPUT_BLOCKS)))
@@ -590,7 +367,7 @@ def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, 
                 _prepare_batch, batch_size=batch_size, fn_kwargs={"prepare": prepare, "skip": frozenset()},
                 **task_args))
         for table in tables:
-            fs, path = _filesystem(table)
+            fs, path = filesystem(table)
             ds = ray.data.read_parquet(path, filesystem=fs).select_columns([path_column, bytes_column])
             ds = ds.rename_columns({path_column: "path", bytes_column: "data"})
             parts.append(ds.map_batches(_prepare_batch, batch_size=batch_size,
@@ -605,12 +382,12 @@ def _run(by_path, tables, done, *, prepare, run, schema, out, summary, address, 
             _EncodeActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=pool.num_actors, max_tasks_in_flight_per_actor=in_flight),
             num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
-            fn_constructor_kwargs=dict(run, threads=pool.threads, schema=schema, progress=counter),
+            fn_constructor_kwargs=dict(options=options, threads=pool.threads, schema=schema, progress=counter),
         )
         ds = ds.map_batches(_write_batch, batch_size=rows_per_shard, fn_kwargs={"out": out, "schema": schema},
                             num_cpus=TASK_CPUS, batch_format="pyarrow")
         _watch(ds, counter, todo=summary.processed, summary=summary, stop=stop, threads=threads,
-               stall_timeout=stall_timeout, progress=progress, pool=pool)
+               stall_timeout=stall_timeout, progress=options.progress, pool=pool)
     finally:
         stop.set()
         ctx.enable_progress_bars = saved_bars

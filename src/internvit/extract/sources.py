@@ -1,10 +1,15 @@
-"""Turn the SOURCES of `internvit extract` (files, folders, globs, list files) into one ordered list of inputs."""
+"""Turn the SOURCES of `internvit extract` into one ordered list of inputs: files, folders, globs and list files
+(`expand_sources`), plus, for engines that read through pyarrow's filesystems (Ray), remote URIs and Parquet
+tables of paths or image bytes (`list_inputs`)."""
 
 from __future__ import annotations
 
 import glob
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+from internvit._fileio import filesystem, is_uri
 
 from internvit.preprocess.image import is_image_name
 from internvit.preprocess.video import is_video_name
@@ -87,3 +92,71 @@ def _walk(root: str) -> list[str]:
         dirs.sort()
         found.extend(os.path.join(folder, f) for f in files if is_image_name(f) or is_video_name(f))
     return sorted(found)
+
+
+# ---- URIs and input tables (the Ray engine) -------------------------------------------------------------
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return f.readall()
+
+
+def _list_remote(uri: str) -> list[str]:
+    """A remote folder (recursive, image and video extensions), list file, or single input, as URIs."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        base = uri.rstrip("/")
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        names = sorted(f.path for f in found if f.type == pafs.FileType.File
+                       and (is_image_name(f.base_name) or is_video_name(f.base_name)))
+        return [base + name[len(root.rstrip("/")):] for name in names]
+    if info.type == pafs.FileType.File and os.path.splitext(root)[1].lower() in LIST_EXTENSIONS:
+        lines = (line.strip() for line in read_bytes(uri).decode("utf-8").splitlines())
+        return [line for line in lines if line and not line.startswith("#")]
+    return [uri]  # a missing remote file becomes a row with its error, as a missing local one
+
+
+@dataclass
+class Inputs:
+    paths: list[str]  # every distinct input, in order: local absolute paths, URIs, or a table's `path` values
+    tables: dict[str, list[str]]  # Parquet tables that carry the bytes: uri -> its paths (read by Ray Data)
+
+
+def list_inputs(sources, *, path_column: str, bytes_column: str) -> Inputs:
+    """Sources as `expand_sources`, plus remote URIs and `.parquet` tables (a path column, maybe a bytes column)."""
+    import pyarrow.parquet as pq
+
+    paths: dict[str, None] = {}
+    tables: dict[str, list[str]] = {}
+    for source in sources:
+        source = os.fspath(source)
+        if source.lower().endswith(".parquet"):
+            fs, path = filesystem(source)
+            schema = pq.read_schema(path, filesystem=fs)
+            if path_column not in schema.names:
+                raise ValueError(f"{source}: an input table needs a {path_column!r} column (it has "
+                                 f"{', '.join(schema.names)})")
+            rows = pq.read_table(path, columns=[path_column], filesystem=fs).column(path_column).to_pylist()
+            if any(p is None for p in rows):
+                raise ValueError(f"{source}: the {path_column!r} column has nulls; every row needs a name")
+            if bytes_column in schema.names:
+                tables[source] = rows
+            else:
+                paths.update((p if is_uri(p) else os.path.abspath(p), None) for p in rows)
+        elif is_uri(source):
+            paths.update((p, None) for p in _list_remote(source))
+        elif os.path.isfile(source) and os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
+            with open(source, encoding="utf-8-sig") as f:  # as `expand_sources`, but a line may be a URI
+                lines = [line.strip() for line in f]
+            paths.update((p if is_uri(p) else os.path.abspath(p), None)
+                         for p in lines if p and not p.startswith("#"))
+        else:
+            paths.update((p, None) for p in expand_sources([source]))
+    for rows in tables.values():
+        paths.update((p, None) for p in rows)
+    return Inputs(list(paths), tables)

@@ -11,6 +11,7 @@ rename and the clean-up), the newest row wins.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internvit._fileio import atomic_write
+from internvit._fileio import atomic_write, filesystem
 
 METADATA_KEY = b"internvit"
 # Settings that must agree between a file and a run that appends to it.
@@ -195,6 +196,13 @@ class FeatureStore:
                 done[p] = e is None
         return {p for p, ok in done.items() if ok or include_errors}
 
+    def failed(self) -> int:
+        """Error rows in the consolidated output."""
+        if not self.out.is_file():
+            return 0
+        errors = pq.read_table(self.out, columns=["error"]).column("error")
+        return len(errors) - errors.null_count
+
     # ---- writing ----
 
     def add(self, rows: dict[str, list]) -> None:
@@ -252,3 +260,98 @@ class FeatureStore:
         except OSError:
             pass
         return self.schema
+
+
+# ---- a folder of shards (the Ray engine) -------------------------------------------------------------
+
+SHARD_PREFIX = "part-"
+
+
+def shard_name(paths: list[str]) -> str:
+    """Named by its inputs: a write task that Ray retries rewrites the same shard instead of adding one."""
+    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:24]
+    return f"{SHARD_PREFIX}{digest}.parquet"
+
+
+def write_whole(fs, path: str, table) -> None:
+    """Whole files only: tmp + rename on a local disk; object stores publish an object when it is closed."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    else:
+        with fs.open_output_stream(path) as f:
+            pq.write_table(table, f)
+
+
+class ShardStore:
+    """A folder (local, shared or a URI) of `part-*.parquet` shards with the local engine's schema and metadata:
+    the Ray engine's output. The same interface as `FeatureStore` for what is already there (settings checked on
+    opening, `finished`, `failed`); rows are written by the engine's tasks, each shard whole (`write_whole`)."""
+
+    def __init__(self, out: str, schema: pa.Schema) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, self.root = filesystem(out)
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ValueError(f"{out} is a file; the ray engine writes a folder of Parquet shards, choose another --out")
+        self.fs.create_dir(self.root, recursive=True)
+        self.schema = schema
+        self._check_compatible()
+
+    def files(self) -> list[str]:
+        """Oldest first (by modification time, then name): later shards win when a path is in two."""
+        import pyarrow.fs as pafs
+
+        found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        found = [f for f in found if f.type == pafs.FileType.File and f.base_name.startswith(SHARD_PREFIX)
+                 and f.base_name.endswith(".parquet")]
+        return [f.path for f in sorted(found, key=lambda f: (f.mtime_ns or 0, f.base_name))]
+
+    def _check_compatible(self) -> None:
+        """As `FeatureStore`: resuming with other settings (model, dtype, layers, ...) is refused."""
+        wanted = read_metadata(self.schema)
+        for path in self.files():
+            try:
+                have = read_metadata(pq.read_schema(path, filesystem=self.fs))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise unreadable_output(path, e) from None
+            check_compatible(have, wanted, path=path)
+
+    def _rows(self) -> list[tuple[str, list[str], list[str | None]]]:
+        out = []
+        for path in self.files():
+            table = pq.read_table(path, columns=["path", "error"], filesystem=self.fs)
+            out.append((path, table.column("path").to_pylist(), table.column("error").to_pylist()))
+        return out
+
+    def finished(self, *, include_errors: bool = True) -> set[str]:
+        """Paths that already have a row (by default also those whose row is an error)."""
+        done: dict[str, bool] = {}
+        for _, paths, errors in self._rows():
+            done.update((p, e is None) for p, e in zip(paths, errors))
+        return {p for p, ok in done.items() if ok or include_errors}
+
+    def failed(self) -> int:
+        return sum(e is not None for _, _, errors in self._rows() for e in errors)
+
+    def dedupe(self) -> int:
+        """Keep each path's newest row: rewrite (or remove) the shards that hold older ones. Returns rows dropped."""
+        rows = self._rows()
+        newest: dict[str, tuple[int, int]] = {}
+        for fi, (_, paths, _) in enumerate(rows):
+            for ri, p in enumerate(paths):
+                newest[p] = (fi, ri)
+        dropped = 0
+        for fi, (path, paths, _) in enumerate(rows):
+            keep = [newest[p] == (fi, ri) for ri, p in enumerate(paths)]
+            if all(keep):
+                continue
+            dropped += len(keep) - sum(keep)
+            if any(keep):
+                table = pq.read_table(path, filesystem=self.fs)
+                write_whole(self.fs, path, table.filter(pa.array(keep)))
+            else:
+                self.fs.delete_file(path)
+        return dropped
