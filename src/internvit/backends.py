@@ -225,7 +225,10 @@ class ExportedEncoder:
         exported = manifest["precision"]
         want = parse_dtype(dtype)
         precision = exported
-        if want is not None and exported != "int8":
+        if want is not None and exported == "int8":
+            raise ExportError(f"{folder}: an int8 export runs in int8; leave dtype unset (or load the source "
+                              f"{manifest['source']['model']} for {str(want).removeprefix('torch.')})")
+        if want is not None:
             precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(want)
             if precision is None or (backend == "onnxruntime" and precision != "fp32"):
                 allowed = "fp32 or bf16" if backend == "openvino" else "fp32"
@@ -338,23 +341,34 @@ def cached(name_or_path, *, backend: str, dtype=None, device=None, revision=None
     fmt = "openvino" if backend == "openvino" else "onnx"
     v = versions()
     tool = f"ov{v.get('openvino', '-')}" if fmt == "openvino" else f"onnx{v.get('onnx', '-')}"
-    key = "-".join([ckpt.fingerprint().split(":")[-1], fmt, "fp32", "l" + ("_".join(map(str, wanted)) or "last"),
-                    f"iv{v['internvit']}", f"torch{v['torch'].split('+')[0]}", tool])
-    folder = cache_root() / "exports" / key
-    if not (folder / MANIFEST_NAME).is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder.parent / (key + ".lock")):  # Ray actors on one machine: one exports, the rest wait
+    base = "-".join([ckpt.fingerprint().split(":")[-1], fmt, "fp32", f"iv{v['internvit']}",
+                     f"torch{v['torch'].split('+')[0]}", tool])
+    root = cache_root() / "exports"
+    folder = _cached_with(root, base, wanted)
+    if folder is None:
+        key = base + "-l" + ("_".join(map(str, wanted)) or "last")
+        folder = root / key
+        root.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / (key + ".lock")):  # Ray actors on one machine: one exports, the others wait
             if not (folder / MANIFEST_NAME).is_file():
-                staging = folder.parent / (key + f".tmp{os.getpid()}")
                 import shutil
 
+                staging = root / (key + f".tmp{os.getpid()}")
                 shutil.rmtree(staging, ignore_errors=True)
-                export(os.fspath(name_or_path) if not isinstance(name_or_path, Path) else name_or_path, staging,
-                       format=fmt, precision="fp32", layers=wanted, revision=revision)
+                export(name_or_path, staging, format=fmt, precision="fp32", layers=wanted, revision=revision)
                 os.replace(staging, folder)
     precision_dtype = dtype if dtype is not None else ("bf16" if backend == "openvino" else "fp32")
     encoder = ExportedEncoder.load(folder, backend=backend, dtype=precision_dtype, device=device, checkpoint=ckpt)
     return encoder
+
+
+def _cached_with(root: Path, base: str, wanted: tuple[int, ...]) -> Path | None:
+    """A complete cached export of these weights and versions whose outputs include the `wanted` layers."""
+    for folder in sorted(root.glob(base + "-l*")):
+        manifest = folder / MANIFEST_NAME
+        if folder.is_dir() and manifest.is_file() and set(wanted) <= set(json.loads(manifest.read_text())["layers"]):
+            return folder
+    return None
 
 
 @contextlib.contextmanager

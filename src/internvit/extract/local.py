@@ -45,6 +45,8 @@ class ExtractSummary:
     load_seconds: float = 0.0  # of which loading the model
     model_seconds: float = 0.0  # of which the encoder was busy (its share of the rest is the pipeline's efficiency)
     tiles: int = 0  # tiles encoded by this run
+    backend: str = "torch"  # that ran the encoder (what --backend auto chose)
+    precision: str = ""  # its compute precision
 
     @property
     def ok(self) -> bool:
@@ -174,6 +176,7 @@ def extract_features(
     flush_seconds: float = 10.0,
     revision: str | None = None,
     progress: bool = True,
+    backend: str | None = None,
 ) -> ExtractSummary:
     """Extract features of every image and video named by `sources` into the Parquet file `out`.
 
@@ -198,6 +201,8 @@ def extract_features(
         flush_seconds: make finished rows durable at least this often (0 = after every batch).
         revision: Hub revision of `model`.
         progress: show a progress bar on stderr.
+        backend: "torch" (the reference), "openvino", "onnxruntime" or "auto" (the fastest installed here;
+            `summary.backend` says which). None: torch, or for an `internvit export` folder its own runtime.
     """
     from internvit.preprocess import DEFAULT_MAX_PIXELS
 
@@ -211,7 +216,8 @@ def extract_features(
     device = check_device(device)
     with output_lock(out):
         t_load = time.perf_counter()
-        vit, source, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
+        vit, source, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector,
+                                          backend=backend, layers=layers)
         visual_tokens = visual_tokens or proj is not None
         load_seconds = time.perf_counter() - t_load
         ckpt = getattr(vit, "checkpoint", None)
@@ -219,7 +225,8 @@ def extract_features(
         config = vit.config
         layers = normalize_layers(layers, config.num_hidden_layers)
         schema = _output_schema(
-            config, source=source, dtype=vit.dtype, processor=processor, layers=layers, patch_tokens=patch_tokens,
+            config, source=source, dtype=vit.dtype, backend=backend_of(vit), precision=precision_of(vit),
+            processor=processor, layers=layers, patch_tokens=patch_tokens,
             visual_tokens=visual_tokens, projector=projector,
             projector_width=proj.config.llm_hidden_size if proj is not None else None,
             tiles=tiles, max_tiles=max_tiles, frames=frames, exif_transpose=exif_transpose,
@@ -262,7 +269,8 @@ def extract_features(
             errors = pq.read_table(store.out, columns=["error"]).column("error")
             failed = len(errors) - errors.null_count
         return ExtractSummary(store.out, len(paths), len(paths) - len(todo), len(todo), failed,
-                              time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
+                              time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles,
+                              backend_of(vit), precision_of(vit))
 
 
 def check_options(*, tiles: str, max_tiles: int, batch_size: int, frames: int) -> None:
@@ -304,23 +312,78 @@ def model_name(model: str | os.PathLike) -> str:
     return os.path.realpath(name) if os.path.exists(name) else name
 
 
-def _load_encoder(model, *, dtype, device, revision, projector) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
+BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
+
+
+def resolve_backend(backend: str | None, *, model, device, dtype) -> str:
+    """`auto` -> the fastest backend installed for this device and dtype; None -> torch. For an export folder
+    both mean its own runtime, and for a loaded encoder its backend."""
+    from internvit.backends import auto_backend
+    from internvit.export import is_export
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in (None, "auto"):
+        return backend
+    if not isinstance(model, (str, os.PathLike)):
+        return backend_of(model)
+    if is_export(model):
+        import json
+
+        from internvit.export import MANIFEST_NAME
+
+        folder = Path(os.fspath(model).removeprefix("local-dir:"))
+        folder = folder.parent if folder.is_file() else folder
+        return "openvino" if json.loads((folder / MANIFEST_NAME).read_text())["format"] == "openvino" \
+            else "onnxruntime"
+    return auto_backend(device, dtype)[0] if backend == "auto" else "torch"
+
+
+def backend_of(vit) -> str:
+    return getattr(vit, "backend", "torch")
+
+
+def precision_of(vit) -> str:
+    """The compute precision recorded in outputs: an exported encoder's own, else its torch dtype's short name."""
+    return getattr(vit, "precision", None) or dtype_precision(vit.dtype)
+
+
+def dtype_precision(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _load_encoder(model, *, dtype, device, revision, projector, backend: str = "torch",
+                  layers=()) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
     """The encoder (eval mode, on `device`), the name recorded in the output, and the projector if any.
 
-    Shared by the local engine and the Ray engine's actors, so both load the same model the same way.
+    Shared by the local engine and the Ray engine's actors, so both load the same model the same way. With a
+    non-torch backend, `layers` (and the projector's `select_layer`) are the hidden states the graph must output.
     """
     from internvit.weights import from_pretrained
 
-    if isinstance(model, torch.nn.Module):
-        vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
-    else:
-        vit, source = from_pretrained(model, dtype=dtype, device=device, revision=revision), model_name(model)
-    vit.eval()
-    proj = None
-    if projector is not None:
-        from internvit.model.projector import load_projector
+    from internvit.model.projector import load_projector
 
+    backend = resolve_backend(backend, model=model, device=device, dtype=dtype)
+    proj = None
+    if projector is not None and backend != "torch":  # first: its select_layer is a layer the graph must output
+        proj = load_projector(projector, dtype=torch.float32, device=device)
+    wanted = (*layers, proj.config.select_layer) if proj is not None else tuple(layers)
+    if not isinstance(model, (str, os.PathLike)):  # a loaded encoder (torch module or exported)
+        vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
+    elif backend == "torch":
+        vit = from_pretrained(model, dtype=dtype, device=device, revision=revision, backend="torch")
+        source = model_name(model)
+    else:
+        vit = from_pretrained(model, dtype=dtype, device=device, revision=revision, backend=backend,
+                              layers=tuple(wanted))
+        source = model_name(model)
+    vit.eval()
+    if projector is not None and proj is None:
         proj = load_projector(projector, dtype=vit.dtype, device=device)
+        wanted = (*layers, proj.config.select_layer)
+    if hasattr(vit, "require_layers"):
+        vit.require_layers(wanted)
     return vit, source, proj
 
 
@@ -333,13 +396,15 @@ def _processor_for(ckpt):
     return ImageProcessor()
 
 
-def _output_schema(config, *, source: str, dtype: torch.dtype, processor, layers: tuple[int, ...],
+def _output_schema(config, *, source: str, dtype: torch.dtype, backend: str, precision: str, processor,
+                   layers: tuple[int, ...],
                    patch_tokens: bool, visual_tokens: bool, projector: str | None, projector_width: int | None,
                    tiles: str, max_tiles: int, frames: int, exif_transpose: bool, fingerprint: str):
     """The output's columns and its `internvit` metadata (what a resumed run must agree with)."""
     vt_width = (projector_width or 4 * config.hidden_size) if visual_tokens else 0
     metadata = {
         "model": source, "weights_fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend, "precision": precision,
         "layers": list(layers), "patch_tokens": bool(patch_tokens), "visual_tokens": bool(visual_tokens),
         "projector": model_name(projector) if projector is not None else None,
         "tiles": tiles, "max_tiles": max_tiles if tiles == "dynamic" else None, "frames": frames,

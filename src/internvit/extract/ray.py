@@ -47,8 +47,11 @@ from internvit.extract.local import (
     _Prepare,
     _processor_for,
     check_options,
+    dtype_precision,
     model_name,
     normalize_layers,
+    precision_of,
+    resolve_backend,
 )
 from internvit.extract.store import output_lock
 from internvit.extract.sources import LIST_EXTENSIONS, expand_sources
@@ -309,12 +312,13 @@ class _EncodeActor:
     """One model per actor: a batch of pickled `_Item`s -> their rows, as the local engine's `_Encoder` makes them."""
 
     def __init__(self, *, model, dtype, device, revision, projector, layers, batch_size, patch_tokens,
-                 visual_tokens, threads, schema, progress) -> None:
+                 visual_tokens, threads, schema, progress, backend="torch") -> None:
         if threads:
             torch.set_num_threads(threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs this actor did not ask for
-        vit, _, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector)
+        vit, _, proj = _load_encoder(model, dtype=dtype, device=device, revision=revision, projector=projector,
+                                     backend=backend, layers=layers)
         self.encoder = _Encoder(vit, layers=layers, micro_batch=batch_size, patch_tokens=patch_tokens,
                                 visual_tokens=visual_tokens, projector=proj)
         self.schema, self.progress = schema, progress
@@ -435,15 +439,24 @@ def _size_pool(num_actors: int | None, cpus_per_actor: float | None, gpus_per_ac
     return _Pool(num_actors, cpus_per_actor, gpus_per_actor, threads)
 
 
-def _inspect_model(model, *, dtype, revision):
-    """Resolve and check the checkpoint on the driver without loading its weights: (checkpoint, config, dtype)."""
+def _inspect_model(model, *, dtype, revision, backend="torch", layers=(), projector=None):
+    """Resolve and check the model on the driver: (checkpoint, config, dtype, precision).
+
+    torch: the checkpoint is only inspected (memory-mapped, not read). Another backend: the encoder is loaded
+    here once, which exports an ordinary checkpoint into the cache, so that the actors only load it.
+    """
     from internvit.model.vision import InternVisionModel
     from internvit.weights import check_state_dict, load_checkpoint, parse_dtype
 
+    if backend != "torch":
+        vit, _, _ = _load_encoder(model, dtype=dtype, device="cpu", revision=revision, projector=projector,
+                                  backend=backend, layers=layers)
+        return vit.checkpoint, vit.config, vit.dtype, precision_of(vit)
     ckpt, config, sd = load_checkpoint(model, revision=revision)  # memory-mapped, not read
     with torch.device("meta"):
         check_state_dict(InternVisionModel(config), sd, source=ckpt.source)
-    return ckpt, config, parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
+    target = parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
+    return ckpt, config, target, dtype_precision(target)
 
 
 def _rows_per_shard(config, *, tiles_per_row: int, pooled: int, patch_tokens: bool, visual_width: int) -> int:
@@ -482,6 +495,7 @@ def extract_features_ray(
     path_column: str = "path",
     bytes_column: str = "bytes",
     stall_timeout: float | None = 1800.0,
+    backend: str | None = None,
 ) -> RayExtractSummary:
     """Extract features of every input named by `sources` into the folder `out`, on Ray Data.
 
@@ -504,6 +518,8 @@ def extract_features_ray(
             1000, fewer for wide rows (patch or visual tokens) so that a shard stays under about 256 MB.
         path_column, bytes_column: the columns of input tables.
         stall_timeout: fail with a message after this many seconds without a finished batch (None = never).
+        backend: as `extract_features`; resolved once on the driver (which also makes a cached export), so
+            every actor runs the same one.
     """
     from internvit.preprocess import DEFAULT_MAX_PIXELS
 
@@ -516,7 +532,9 @@ def extract_features_ray(
             stack.enter_context(output_lock(out.rstrip("/\\") or out))
         start = time.perf_counter()
 
-        ckpt, config, target = _inspect_model(model, dtype=dtype, revision=revision)
+        backend = resolve_backend(backend, model=model, device=device, dtype=dtype)
+        ckpt, config, target, precision = _inspect_model(model, dtype=dtype, revision=revision, backend=backend,
+                                                         layers=layers, projector=projector)
         projector_width = None
         if projector is not None:
             from internvit.model.projector import load_projector
@@ -525,7 +543,8 @@ def extract_features_ray(
             visual_tokens = True
         processor = _processor_for(ckpt)
         layers = normalize_layers(layers, config.num_hidden_layers)
-        schema = _output_schema(config, source=model_name(model), dtype=target, processor=processor, layers=layers,
+        schema = _output_schema(config, source=model_name(model), dtype=target, backend=backend, precision=precision,
+                                processor=processor, layers=layers,
                                 patch_tokens=patch_tokens, visual_tokens=visual_tokens, projector=projector,
                                 projector_width=projector_width, tiles=tiles, max_tiles=max_tiles, frames=frames,
                                 exif_transpose=exif_transpose, fingerprint=ckpt.fingerprint())
@@ -549,7 +568,7 @@ def extract_features_ray(
             by_path = [p for p in todo if p not in by_bytes]
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
             run = dict(model=os.fspath(model), dtype=dtype, device=device, revision=revision, projector=projector,
-                       layers=layers, batch_size=batch_size, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
+                       layers=layers, batch_size=batch_size, backend=backend, patch_tokens=patch_tokens, visual_tokens=visual_tokens)
             _run(by_path, tables, frozenset(done), prepare=prepare, run=run, schema=schema, out=out, summary=summary,
                  address=address, num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                  rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
