@@ -302,9 +302,10 @@ def check_tolerance(precision: str, result: dict, *, force: bool) -> tuple[bool,
 # default for transformers), so outlier channels do not set the activation range, and the attention output
 # projection (`attn.proj`, 1/12 of a layer's linear FLOPs) left in float: on the outlier test checkpoint it
 # is the one linear whose int8 input still cost CLS fidelity after smoothing (min cosine 0.989 -> 0.9996).
-# "plain": per-tensor int8 of every MatMul input and no smoothing, what a generic recipe does (tests/ show what
-# it costs on outliers).
-INT8_RECIPES = ("shipped", "plain")
+# "transformer": NNCF's transformer preset as it comes (SmoothQuant 0.95, every linear in int8), what a user of
+# NNCF gets. "plain": per-tensor int8 of every MatMul input and no smoothing, what a generic recipe does (tests/
+# show what both cost on outliers).
+INT8_RECIPES = ("shipped", "transformer", "plain")
 SMOOTH_QUANT_ALPHA = 0.95
 
 
@@ -341,6 +342,8 @@ def quantize_int8(ov_model, calibration: torch.Tensor, *, hidden_size: int, reci
     data = nncf.Dataset([calibration[i:i + 1].numpy() for i in range(len(calibration))])
     if recipe == "plain":
         kwargs = dict(preset=nncf.QuantizationPreset.PERFORMANCE)
+    elif recipe == "transformer":
+        kwargs = dict(model_type=nncf.ModelType.TRANSFORMER)
     else:
         kwargs = dict(model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
                       ignored_scope=nncf.IgnoredScope(names=attention_projections(ov_model, hidden_size)),
@@ -400,6 +403,7 @@ def export(
     overwrite: bool = False,
     revision: str | None = None,
     int8_recipe: str = "shipped",
+    heldout_size: int = HELDOUT_TILES,
     log=None,
 ) -> ExportResult:
     """Export a checkpoint to `out_dir` as ONNX or OpenVINO IR, validated against the torch model in fp32.
@@ -416,7 +420,8 @@ def export(
         calibration_size: calibration tiles for int8.
         layers: extra `hidden_states` outputs (0 = embeddings); the last layer is always output.
         force: write an int8 model under the fidelity threshold (the report says so).
-        int8_recipe: "shipped" (default) or "plain" (for comparisons; see `INT8_RECIPES`).
+        int8_recipe: "shipped" (default), or "transformer" / "plain" for comparisons (see `INT8_RECIPES`).
+        heldout_size: held-out tiles at most (each is also run through the fp32 torch model).
         log: a callable taking progress lines (the CLI passes a stderr printer).
 
     Raises:
@@ -438,6 +443,8 @@ def export(
                           "tiled as extract tiles them (a few hundred tiles' worth is plenty)")
     if calibration_size < 1:
         raise ExportError(f"--calibration-size must be a positive integer, got {calibration_size}")
+    if int8_recipe not in INT8_RECIPES:
+        raise ExportError(f"int8_recipe must be one of {', '.join(INT8_RECIPES)}, got {int8_recipe!r}")
     batch_n = _parse_batch(batch)
     check_target(out_dir, overwrite=overwrite)
     require("onnxscript", "onnx", "ONNX export")
@@ -459,7 +466,7 @@ def export(
         processor = ImageProcessor.from_json(ckpt.preprocessor_path)
     if calibration:
         tiles = calibration_tiles(list(calibration), tile_size=config.image_size,
-                                  calibration_size=calibration_size, processor=processor)
+                                  calibration_size=calibration_size, processor=processor, heldout_size=heldout_size)
         if len(tiles.heldout) < 2:
             raise ExportError(f"--calibration: the held-out images gave {len(tiles.heldout)} tile(s); give more images")
     else:
@@ -517,8 +524,8 @@ def export(
                        "heldout_images": tiles.heldout_images})
         manifest["validation"] = result
         if precision == "int8":
-            manifest["int8"] = {"recipe": int8_recipe, "smooth_quant_alpha": SMOOTH_QUANT_ALPHA
-                                if int8_recipe == "shipped" else None,
+            manifest["int8"] = {"recipe": int8_recipe, "smooth_quant_alpha": {"shipped": SMOOTH_QUANT_ALPHA,
+                                "transformer": "nncf default"}.get(int8_recipe),
                                 "kept_in_float": ["attn.proj"] if int8_recipe == "shipped" else [], "calibration_tiles": len(tiles.calibration),
                                 "calibration_images": tiles.calibration_images, "forced": bool(force and not ok)}
         manifest["export_seconds"] = round(export_seconds, 1)

@@ -171,8 +171,9 @@ def test_export_bf16_ir_validates_by_cosine(tiny, tmp_path, reference):
     assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).min() >= 0.999
 
 
-def test_export_refuses(tiny, tmp_path, monkeypatch):
+def test_export_refuses(tiny, tmp_path, monkeypatch, capsys):
     import internvit.export as ex
+    from internvit.cli import main
 
     for args, message in [
         (("--format", "onnx", "--precision", "bf16"), "is for --format openvino"),
@@ -180,9 +181,8 @@ def test_export_refuses(tiny, tmp_path, monkeypatch):
         (("--format", "openvino", "--batch", "zero"), "--batch 'zero'"),
         (("--format", "openvino", "--layers", "7"), "out of range"),
     ]:
-        proc = run_cli("export", str(tiny), str(tmp_path / "x"), *args)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()  # progress lines, then the error in one line
+        assert main(["export", str(tiny), str(tmp_path / "x"), *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error in one line
         assert lines[-1].startswith("internvit export: error:") and message in lines[-1], lines
         assert not any("Traceback" in line for line in lines)
     busy = tmp_path / "busy"
