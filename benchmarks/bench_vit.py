@@ -285,33 +285,40 @@ def prepare_exports(exports: Path, impls: list[str], calibration_size: int, log)
     from internvit.weights import init_checkpoint
 
     os.environ["INTERNVIT_CACHE"] = str(exports / "cache")  # inherited by the workers
-    times = {}
-    init_checkpoint(exports / "ckpt", preset="300m", seed=0, dtype="fp32")
+    times_file = exports / "export_times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    if not (exports / "ckpt" / "model.safetensors").is_file():
+        init_checkpoint(exports / "ckpt", preset="300m", seed=0, dtype="fp32", overwrite=True)
     t = time.perf_counter()
-    if {"openvino", "onnxruntime", "openvino-int8"} & set(impls):
+    if {"openvino", "onnxruntime", "openvino-int8"} & set(impls) and "export_onnx_s" not in times:
         log("export: the project's ONNX (internvit export --format onnx)")
-        export(exports / "ckpt", exports / "onnx", format="onnx")
+        export(exports / "ckpt", exports / "onnx", format="onnx", overwrite=True)
         times["export_onnx_s"] = time.perf_counter() - t
+        times_file.write_text(json.dumps(times))
     for backend in ("openvino", "onnxruntime"):
-        if f"internvit-{backend}" in impls:
+        if f"internvit-{backend}" in impls and f"first_load_{backend}_s" not in times:
             log(f"export: from_pretrained(backend={backend!r}) on a cold cache")
             t = time.perf_counter()
             internvit.from_pretrained(exports / "ckpt", backend=backend, dtype="fp32")
             times[f"first_load_{backend}_s"] = time.perf_counter() - t
+            times_file.write_text(json.dumps(times))
     if INT8 & set(impls):
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_extract import make_photos
 
-        (exports / "photos").mkdir(exist_ok=True)
-        make_photos(exports / "photos", 8)
-        if "internvit-int8" in impls:
+        if not (exports / "photos").is_dir():
+            (exports / "photos").mkdir()
+            make_photos(exports / "photos", 8)
+        if "internvit-int8" in impls and "export_int8_s" not in times:
             log(f"export: int8, shipped recipe, {calibration_size} calibration tiles")
             t = time.perf_counter()
             r = export(exports / "ckpt", exports / "int8", format="openvino", precision="int8",
-                       calibration=[exports / "photos"], calibration_size=calibration_size, heldout_size=4)
+                       calibration=[exports / "photos"], calibration_size=calibration_size, heldout_size=4,
+                       overwrite=True)
             times["export_int8_s"] = time.perf_counter() - t
             times["int8_fidelity"] = r.manifest["validation"]
-        if "openvino-int8" in impls:
+            times_file.write_text(json.dumps(times))
+        if "openvino-int8" in impls and "export_nncf_int8_s" not in times:
             import nncf  # noqa: F401 - as a user would: NNCF's transformer preset on the ONNX, saved, compiled
             import openvino as ov
 
@@ -325,6 +332,7 @@ def prepare_exports(exports: Path, impls: list[str], calibration_size: int, log)
             (exports / "nncf-int8").mkdir(exist_ok=True)
             ov.save_model(model, exports / "nncf-int8" / "model.xml")
             times["export_nncf_int8_s"] = time.perf_counter() - t
+            times_file.write_text(json.dumps(times))
     del torch
     return times
 
@@ -404,18 +412,27 @@ def markdown(report: dict) -> str:
         "warm-up, the implementations interleaved in one process; 723.6 GFLOP per 448 tile. Matmul peak: the "
         "model's four linear shapes at one tile's rows and at the batch's rows, the faster of the two per shape, "
         "measured in each round before the forwards; the fastest round is the peak. Peak RSS: a separate process "
-        "per implementation that builds the model in the dtype and runs one forward at the largest batch.",
+        "per implementation that builds the model in the dtype and runs one forward at the largest batch; its build "
+        "time is the load/compile column (torch: building from memory; the others: loading and compiling files, "
+        "OpenVINO's blob cache cold for openvino, as filled by the workers for internvit-openvino). Groups of "
+        "implementations run in separate processes (memory); ratios are within a group, where the implementations "
+        "are interleaved, and int8 rows ran in the bf16 process beside torch bf16 (their % is of the bf16 peak).",
         "",
         "| impl | dtype | batch | s/forward | tiles/s | GFLOP/s | % of matmul peak | vs timm | vs OpenVINO-direct "
         "| vs internvit torch bf16 | load/compile s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by = {(r["impl"], r["dtype"], p["batch"]): p for r in report["runs"] for p in r["points"]}
+    by = {(r.get("group", 0), r["impl"], r["dtype"], p["batch"]): p for r in report["runs"] for p in r["points"]}
     memory = {(m["impl"], m["dtype"]): m for m in report.get("memory", [])}
     order = {impl: i for i, impl in enumerate(dict.fromkeys(r["impl"] for r in report["runs"]))}
-    for (impl, dtype, batch), p in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], order[kv[0][0]])):
-        def ratio(peer, peer_dtype=dtype):
-            q = by.get((peer, peer_dtype, batch))
+    dtype_order = {"fp32": 0, "bf16": 1, "int8": 2}
+    for (g, impl, dtype, batch), p in sorted(by.items(), key=lambda kv: (dtype_order.get(kv[0][2], 3), kv[0][3],
+                                                                         kv[0][0], order[kv[0][1]])):
+        if impl == "internvit" and g > 0 and any(k[:3] == (0, impl, dtype) for k in by):
+            continue  # torch's row is shown once (group 0); the other groups' torch runs anchor their ratios
+        # int8 rows are measured in the bf16 process of their group, with torch bf16 beside them.
+        def ratio(peer, peer_dtype=dtype, g=g):
+            q = by.get((g, peer, peer_dtype, batch))
             return f"{p['tiles_per_s'] / q['tiles_per_s']:.2f}x" if q and (peer, peer_dtype) != (impl, dtype) else ""
 
         direct = "openvino-int8" if dtype == "int8" else "openvino"
@@ -473,8 +490,11 @@ def chart(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default="internvit,timm,openvino,onnxruntime,internvit-openvino,"
-                    "internvit-onnxruntime,openvino-int8,internvit-int8")
+    ap.add_argument("--impls", default="internvit,timm,openvino,internvit-openvino;"
+                    "internvit,onnxruntime,internvit-onnxruntime;internvit,openvino-int8,internvit-int8",
+                    help="implementations, comma-separated; ';' separates groups, each measured in its own process "
+                    "(per dtype), interleaved within it: ratios are taken within a group. Groups bound the memory: "
+                    "each holds its models at once (default: 3 groups, internvit torch in each)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--calibration-size", type=int, default=8, help="int8 calibration tiles (default: 8)")
@@ -502,7 +522,8 @@ def main() -> None:
         return
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "rounds": args.rounds, "runs": []}
-    impls = args.impls.split(",")
+    groups = [g.split(",") for g in args.impls.split(";")]
+    impls = list(dict.fromkeys(i for g in groups for i in g))
     tmp_exports = None
     exports = args.exports
     if EXPORTED & set(impls):
@@ -511,18 +532,21 @@ def main() -> None:
             exports = Path(tmp_exports.name)
         exports.mkdir(parents=True, exist_ok=True)
         os.environ["INTERNVIT_CACHE"] = str(exports / "cache")
-        if not (exports / "ckpt").is_dir():
-            t = time.perf_counter()
-            report["exports"] = prepare_exports(
-                exports, impls, args.calibration_size, lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
-            print(f"[bench]   exports done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        report["exports"] = prepare_exports(
+            exports, impls, args.calibration_size, lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
+        print(f"[bench]   exports ready in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     extra = ["--_exports", str(exports)] if exports else []
     for dtype in args.dtypes.split(","):
-        print(f"[bench] {args.impls} {dtype} batches {batches} ...", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        report["runs"] += run_child(["--_worker", args.impls, dtype, "--batches", args.batches,
-                                     "--rounds", str(args.rounds), "--threads", str(args.threads), *extra])
-        print(f"[bench]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        for g, group in enumerate(groups):
+            if not [i for i in group if applies(i, dtype) and i != "internvit"]:
+                continue
+            print(f"[bench] group {g}: {','.join(group)} {dtype} batches {batches} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            runs = run_child(["--_worker", ",".join(group), dtype, "--batches", args.batches,
+                              "--rounds", str(args.rounds), "--threads", str(args.threads), *extra])
+            report["runs"] += [dict(r, group=g) for r in runs]
+            print(f"[bench]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     report["memory"] = []
     for dtype in args.dtypes.split(","):
         for impl in impls:
