@@ -471,8 +471,6 @@ def export(
             raise ExportError(f"--calibration: the held-out images gave {len(tiles.heldout)} tile(s); give more images")
     else:
         tiles = synthetic_tiles(config.image_size)
-    if batch_n is not None:
-        tiles.heldout = tiles.heldout[:max(batch_n, 2)] if len(tiles.heldout) > batch_n else tiles.heldout
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

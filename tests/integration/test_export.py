@@ -343,3 +343,18 @@ def test_int8_shipped_recipe_keeps_fidelity_where_plain_does_not(outlier_ckpt, t
     assert enc.precision == "int8" and enc.backend == "openvino"
     with pytest.raises(ValueError, match="int8 export runs in int8"):
         internvit.from_pretrained(tmp_path / "int8", dtype="fp32")
+
+
+def test_onnxruntime_cuda_provider(onnx_dir, reference):
+    """The ONNX export on onnxruntime-gpu's CUDA provider (run where a GPU and onnxruntime-gpu are present)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} here has no CUDA provider (install onnxruntime-gpu on a GPU machine)")
+    enc = internvit.from_pretrained(onnx_dir, backend="onnxruntime", device="cuda")
+    x = tiles(4, 7)
+    with torch.inference_mode():
+        ref = reference(x, output_hidden_states=True)
+    out = enc(x, output_hidden_states=True)
+    assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= 1e-3
+    assert (out.hidden_states[1] - ref.hidden_states[1]).abs().max() <= 1e-3
