@@ -108,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --engine ray: encoder actors, one model each (default: one per GPU group, else one per node)")
     p.add_argument("--gpus-per-actor", type=float, default=0,
                    help="with --engine ray: GPUs per actor; 0 = CPU actors (default), 0.5 = two actors per GPU")
+    p.add_argument("--backend", choices=["torch", "openvino", "onnxruntime", "auto"],
+                   help="what runs the encoder: torch (the reference; the default for checkpoints), openvino or "
+                   "onnxruntime (a checkpoint is exported once into the cache; an `internvit export` folder, whose "
+                   "own runtime is its default, loads directly), auto (the fastest installed here; says which)")
+
+    p = sub.add_parser(
+        "export", help="export the encoder as ONNX or OpenVINO IR (fp32, bf16, int8), validated against torch",
+        description="Export MODEL to OUT_DIR as an ONNX graph or an OpenVINO IR with config.json, "
+        "preprocessor_config.json and a manifest (internvit_export.json). The exported model is run on real tiles "
+        "and compared with the fp32 torch model; one outside its tolerance (fp32: max abs 1e-4; bf16: token "
+        "cosine 0.999; int8: CLS cosine 0.99) is not written. int8 (NNCF post-training quantization) is "
+        "calibrated on --calibration images and writes fidelity_report.json.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint: Hub repo id, local folder or file, or a registered name")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="fp32 (default); bf16 and int8 need --format openvino")
+    p.add_argument("--batch", default="dynamic", help="'dynamic' (default: a symbolic batch axis) or a fixed size")
+    p.add_argument("--calibration", nargs="+", action="extend", metavar="SOURCES",
+                   help="images (files, folders, globs, list files) to calibrate int8 on; every fourth is held out "
+                   "for the fidelity report (also the validation tiles of fp32/bf16 when given)")
+    p.add_argument("--calibration-size", type=_positive, default=32, help="calibration tiles for int8 (default: 32)")
+    p.add_argument("--layers", type=_layers, default=(),
+                   help="also output these hidden_states (0 = embeddings) for --layers / select_layer downstream")
+    p.add_argument("--force", action="store_true", help="write an int8 model below the fidelity threshold")
+    p.add_argument("--overwrite", action="store_true", help="replace an export in a non-empty OUT_DIR")
+    p.add_argument("--revision", help="Hub branch, tag or commit of MODEL")
 
     p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
                        description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
@@ -158,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_non_negative, default=8000, help="port (default: %(default)s)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--backend", choices=["torch", "openvino", "onnxruntime", "auto"],
+                   help="as `internvit extract --backend` (default: torch, or an export folder's own runtime)")
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="preprocessing, as `internvit extract --tiles` (default: none)")
     p.add_argument("--max-tiles", type=_tile_budget, default=DEFAULT_MAX_TILES, help="tile budget with --tiles dynamic (default: 12)")
@@ -232,7 +261,7 @@ def _one_line(e: BaseException) -> str:
     from internvit.checkpoint import CheckpointError
 
     text = " ".join(str(e).split()) or e.__class__.__name__
-    if isinstance(e, (CheckpointError, OutputMismatchError, OutputLockedError, ValueError, OSError)):
+    if isinstance(e, (CheckpointError, OutputMismatchError, OutputLockedError, ValueError, OSError, ImportError)):
         return text
     return f"{e.__class__.__name__}: {text} (rerun with --debug for the traceback)"
 
@@ -246,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
             layers=args.layers, patch_tokens=args.patch_tokens, visual_tokens=args.visual_tokens,
             projector=args.projector, exif_transpose=not args.no_exif, max_pixels=args.max_pixels,
-            retry_errors=args.retry_errors, progress=not args.quiet)
+            retry_errors=args.retry_errors, progress=not args.quiet, backend=args.backend)
         if args.engine == "ray":  # --workers and --flush-seconds are the local engine's
             from internvit.extract.ray import RayRunError, extract_features_ray
 
@@ -270,16 +299,30 @@ def _run(args: argparse.Namespace) -> int:
         s = extract_features(args.sources, args.out, options, num_workers=args.workers,
                              flush_seconds=args.flush_seconds)
         busy = s.model_seconds / max(s.seconds - s.load_seconds, 1e-9)
+        chosen = " (chosen by --backend auto)" if args.backend == "auto" else ""
         print(
             f"{s.out}: {s.inputs} inputs, {s.processed} processed, {s.skipped} already done, "
             f"{s.failed} failed; {s.seconds:.1f} s ({s.load_seconds:.1f} s loading the model, {s.tiles} tiles, "
-            f"encoder busy {100 * busy:.0f}% of the rest)",
+            f"encoder busy {100 * busy:.0f}% of the rest); backend {s.backend}{chosen}, {s.precision}",
             file=sys.stderr,
         )
         _show_failures(s.out, s.failed)
         return 0 if s.ok else 1
     if args.command == "serve":
         return _serve(args)
+    if args.command == "export":
+        from internvit.export import export
+
+        def log(line: str) -> None:
+            print(f"internvit export: {line}", file=sys.stderr)
+
+        r = export(args.model, args.out_dir, format=args.format, precision=args.precision, batch=args.batch,
+                   calibration=args.calibration, calibration_size=args.calibration_size, layers=args.layers,
+                   force=args.force, overwrite=args.overwrite, revision=args.revision, log=log)
+        v = r.manifest["validation"]
+        print(f"wrote {args.format} ({args.precision}) to {r.path} in {r.seconds:.0f} s: {v['verdict']}",
+              file=sys.stderr)
+        return 0
     if args.command == "errors":
         from internvit.extract.store import read_errors
 
@@ -316,7 +359,8 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServeOptions(model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                            tiles=args.tiles, max_tiles=args.max_tiles, max_batch_tiles=args.max_batch_tiles,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-                           max_pixels=args.max_pixels, api_key=args.api_key, decode_threads=args.decode_threads)
+                           max_pixels=args.max_pixels, api_key=args.api_key, decode_threads=args.decode_threads,
+                           backend=args.backend)
     if args.engine == "ray":
         serve_ray(options, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
     else:

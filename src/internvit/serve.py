@@ -62,6 +62,7 @@ class ServeOptions:
     api_key: str | None = None
     decode_threads: int = 2
     exif_transpose: bool = True
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         self.extract_options()  # validates the options shared with extract
@@ -76,7 +77,8 @@ class ServeOptions:
         """The options an `internvit extract` run with the same features would take."""
         return ExtractOptions(model=self.model, revision=self.revision, dtype=self.dtype, device=self.device,
                               batch_size=self.max_batch_tiles, tiles=self.tiles, max_tiles=self.max_tiles,
-                              max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, progress=False)
+                              max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, progress=False,
+                              backend=self.backend)
 
 
 class BadInput(ValueError):

@@ -70,6 +70,8 @@ def from_pretrained(
     config: InternVisionConfig | None = None,
     attn_implementation: str = "auto",
     cache_dir: str | None = None,
+    backend: str | None = None,
+    layers: tuple[int, ...] = (),
 ) -> InternVisionModel:
     """Load an InternViT encoder, in eval mode.
 
@@ -83,10 +85,22 @@ def from_pretrained(
         config: overrides the checkpoint's config.json (needed for a timm state dict of an unknown size).
         attn_implementation: "auto" (default), "sdpa", "blocked" or "eager" (see `InternVisionModel`).
         cache_dir: a Hugging Face cache folder other than the default.
+        backend: "torch" (the default for checkpoints: this `InternVisionModel`), "openvino", "onnxruntime" or
+            "auto" (`backends.auto_backend`). The others return an `ExportedEncoder` with the same inference
+            surface: an export folder (`internvit export`) loads directly (and is what `None` loads it with);
+            an ordinary checkpoint is exported once into the cache, keyed by its weights' fingerprint.
+        layers: with an exporting backend, the `hidden_states` indices the graph must also output.
 
     The loaded model carries `model.checkpoint` (the resolved files), which `ImageProcessor.from_pretrained` and
     `internvit extract` use to find the matching `preprocessor_config.json`.
     """
+    if backend not in (None, "torch") or _is_export(name_or_path):
+        from internvit.backends import load
+
+        if config is not None:
+            raise ValueError(f"config= is for the torch backend (backend={backend!r} reads the checkpoint's own)")
+        return load(name_or_path, backend=backend, dtype=dtype, device=device, revision=revision,
+                    layers=tuple(layers), cache_dir=cache_dir)
     ckpt, config, sd = load_checkpoint(name_or_path, revision=revision, config=config, cache_dir=cache_dir)
     target = parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
     with torch.device("meta"):
@@ -98,6 +112,12 @@ def from_pretrained(
         model.to(device)
     model.checkpoint = ckpt
     return model.eval()
+
+
+def _is_export(name_or_path) -> bool:
+    from internvit.export import is_export
+
+    return is_export(name_or_path)
 
 
 def convert(

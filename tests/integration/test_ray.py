@@ -7,6 +7,7 @@ run are separate drivers that join it with `--address`; the resumed run is the C
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,28 @@ def test_interrupted_run_resumes_each_input_once(ray_address, tiny_ckpt, photo_d
     again = extract_features_ray([imgs], out, model=str(tiny_ckpt), dtype="fp32", batch_size=2, progress=False)
     assert (again.skipped, again.processed) == (n, 0)
     assert pq.read_table(out).num_rows == n
+
+
+def test_ray_engine_runs_an_openvino_export(ray_address, tiny_ckpt, photo_dir, tmp_path):
+    """The actors load an export folder through the same `_load_encoder`; rows agree with the local torch run."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    from internvit.export import export
+    from internvit.extract import extract_features
+    from internvit.extract.ray import extract_features_ray
+
+    exported = export(tiny_ckpt, tmp_path / "ov", format="openvino", layers=[1]).path
+    opts = dict(dtype="fp32", batch_size=3, max_pixels=1_000_000, layers=(1,), tiles="dynamic", max_tiles=4,
+                progress=False)
+    local = extract_features([photo_dir], tmp_path / "torch.parquet", model=str(tiny_ckpt), num_workers=0, **opts)
+    s = extract_features_ray([photo_dir], tmp_path / "ray_ov", model=str(exported), **opts)
+    assert (s.processed, s.failed) == (local.processed, local.failed)
+    table = pq.read_table(tmp_path / "ray_ov")
+    meta = json.loads(table.schema.metadata[b"internvit"])
+    assert (meta["backend"], meta["precision"]) == ("openvino", "fp32")
+    ray_rows, local_rows = rows_by_path(table), rows_by_path(pq.read_table(local.out))
+    assert set(ray_rows) == set(local_rows)
+    for path, want in local_rows.items():
+        for key in ("cls", "mean", "cls_l1", "mean_l1"):
+            if want[key] is not None:
+                np.testing.assert_allclose(ray_rows[path][key], want[key], atol=1e-4, rtol=0, err_msg=f"{path} {key}")

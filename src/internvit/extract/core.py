@@ -37,6 +37,7 @@ from internvit.preprocess.tiling import MAX_TILES, TileLayout
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 
 TILE_MODES = ("none", "dynamic")
+BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,8 @@ class ExtractOptions:
         max_pixels: refuse larger images (decompression bombs); None = the library default.
         retry_errors: recompute inputs whose earlier row is an error.
         progress: show a progress bar on stderr.
+        backend: "torch" (the reference), "openvino", "onnxruntime" or "auto" (the fastest installed here; the
+            summary says which). None: torch, or for an `internvit export` folder its own runtime.
     """
 
     model: object = DEFAULT_MODEL
@@ -78,8 +81,11 @@ class ExtractOptions:
     max_pixels: int | None = None
     retry_errors: bool = False
     progress: bool = True
+    backend: str | None = None
 
     def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.tiles not in TILE_MODES:
             raise ValueError(f"tiles must be one of {TILE_MODES}, got {self.tiles!r}")
         if not 1 <= self.max_tiles <= MAX_TILES:
@@ -103,6 +109,8 @@ class ExtractSummary:
     load_seconds: float = 0.0  # of which loading the model
     model_seconds: float = 0.0  # of which the encoder was busy (its share of the rest is the pipeline's efficiency)
     tiles: int = 0  # tiles encoded by this run
+    backend: str = "torch"  # that ran the encoder (what --backend auto chose)
+    precision: str = ""  # its compute precision
 
     @property
     def ok(self) -> bool:
@@ -221,28 +229,69 @@ class LoadedModel:
     processor: object  # the checkpoint's own CLIP preprocessing (or the model card's)
     projector: Projector | None = None
 
+    @property
+    def backend(self) -> str:
+        return getattr(self.vit, "backend", "torch")
+
+    @property
+    def precision(self) -> str:
+        """The compute precision recorded in outputs: an exported encoder's own, else its torch dtype's short name."""
+        return getattr(self.vit, "precision", None) or dtype_precision(self.vit.dtype)
+
+
+def dtype_precision(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def resolve_backend(options: ExtractOptions, device: str | torch.device | None = None) -> str:
+    """`auto` -> the fastest backend installed for this device and dtype; None -> torch. For an export folder
+    both mean its own runtime, and for a loaded encoder its backend."""
+    from internvit.backends import auto_backend
+    from internvit.export import export_format, is_export
+
+    backend, model = options.backend, options.model
+    if backend not in (None, "auto"):
+        return backend
+    if not isinstance(model, (str, os.PathLike)):
+        return getattr(model, "backend", "torch")
+    if is_export(model):
+        return "openvino" if export_format(model) == "openvino" else "onnxruntime"
+    return auto_backend(device, options.dtype)[0] if backend == "auto" else "torch"
+
 
 def load_model(options: ExtractOptions, device: str | torch.device | None = None) -> LoadedModel:
-    """Load `options.model` (and the projector) the one way every engine does; `device` defaults to the options'."""
+    """Load `options.model` (and the projector) the one way every engine does; `device` defaults to the options'.
+
+    With a backend other than torch (an `internvit export` folder, or a checkpoint exported once into the cache),
+    the graph must output the extra `layers` and the projector's `select_layer`: it is loaded with them, and a
+    layer it lacks is refused before any work.
+    """
+    from internvit.model.projector import load_projector
     from internvit.weights import from_pretrained
 
     device = check_device(options.device if device is None else device)
+    backend = resolve_backend(options, device)
     model = options.model
-    if isinstance(model, torch.nn.Module):
+    proj = None
+    if options.projector is not None and backend != "torch":  # first: its select_layer is a layer the graph needs
+        proj = load_projector(options.projector, dtype=torch.float32, device=device)
+    wanted = (*options.layers, proj.config.select_layer) if proj is not None else tuple(options.layers)
+    if not isinstance(model, (str, os.PathLike)):  # a loaded encoder (torch module or exported)
         vit, source = model.to(device), getattr(getattr(model, "checkpoint", None), "source", "in-memory model")
     else:
-        vit = from_pretrained(model, dtype=options.dtype, device=device, revision=options.revision)
+        vit = from_pretrained(model, dtype=options.dtype, device=device, revision=options.revision, backend=backend,
+                              **({"layers": tuple(wanted)} if backend != "torch" else {}))
         source = model_name(model)
     vit.eval()
+    if options.projector is not None and proj is None:
+        proj = load_projector(options.projector, dtype=vit.dtype, device=device)
+        wanted = (*options.layers, proj.config.select_layer)
+    if hasattr(vit, "require_layers"):
+        vit.require_layers(wanted)
     ckpt = getattr(vit, "checkpoint", None)
     fingerprint = ckpt.fingerprint() if ckpt is not None else state_dict_fingerprint(vit.state_dict())
-    processor = _processor(ckpt)
-    proj = None
-    if options.projector is not None:
-        from internvit.model.projector import load_projector
-
-        proj = load_projector(options.projector, dtype=vit.dtype, device=device)
-    return LoadedModel(vit, source, fingerprint, processor, proj)
+    return LoadedModel(vit, source, fingerprint, _processor(ckpt), proj)
 
 
 def inspect_model(options: ExtractOptions) -> LoadedModel:
@@ -254,6 +303,10 @@ def inspect_model(options: ExtractOptions) -> LoadedModel:
 
     if isinstance(options.model, torch.nn.Module):
         raise TypeError("pass the model as a name or path, not a module: each worker loads its own")
+    if resolve_backend(options, "cpu") != "torch":
+        # An exported graph is loaded here once; for an ordinary checkpoint that also makes the cached export, so
+        # that every worker only loads it.
+        return load_model(options, "cpu")
     ckpt, config, sd = load_checkpoint(options.model, revision=options.revision)  # memory-mapped, not read
     with torch.device("meta"):
         vit = InternVisionModel(config).to(parse_dtype(options.dtype) or sd["embeddings.patch_embedding.weight"].dtype)
@@ -283,7 +336,8 @@ def output_schema(options: ExtractOptions, loaded: LoadedModel):
     width = loaded.projector.config.llm_hidden_size if loaded.projector is not None else 4 * config.hidden_size
     metadata = {
         "model": loaded.source, "weights_fingerprint": loaded.fingerprint,
-        "dtype": str(loaded.vit.dtype).removeprefix("torch."), "layers": list(layers),
+        "dtype": str(loaded.vit.dtype).removeprefix("torch."), "backend": loaded.backend,
+        "precision": loaded.precision, "layers": list(layers),
         "patch_tokens": bool(options.patch_tokens), "visual_tokens": bool(options.visual_tokens),
         "projector": model_name(options.projector) if options.projector is not None else None,
         "tiles": options.tiles, "max_tiles": options.max_tiles if options.tiles == "dynamic" else None,

@@ -89,7 +89,8 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
                 bar.close()
             store.consolidate()  # also on Ctrl-C: finished rows are kept, the rerun resumes
         return ExtractSummary(store.out, len(paths), len(paths) - len(todo), len(todo), store.failed(),
-                              time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles)
+                              time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles,
+                              loaded.backend, loaded.precision)
 
 
 def _options(options: ExtractOptions | None, fields: dict) -> ExtractOptions:

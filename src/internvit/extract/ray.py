@@ -306,7 +306,8 @@ def extract_features_ray(
         if not is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep
             stack.enter_context(output_lock(out.rstrip("/\\") or out))
         start = time.perf_counter()
-        loaded = inspect_model(options)  # the driver reads no weights
+        loaded = inspect_model(options)  # the driver reads no weights (or makes the cached export once)
+        options = dataclasses.replace(options, backend=loaded.backend)  # every actor runs what the driver chose
         schema = output_schema(options, loaded)
         config = loaded.vit.config
         if rows_per_shard is None:
@@ -321,7 +322,8 @@ def extract_features_ray(
         inputs = list_inputs(sources, path_column=path_column, bytes_column=bytes_column)
         todo = [p for p in inputs.paths if p not in done]
         by_bytes = {p for rows in inputs.tables.values() for p in rows}
-        summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0)
+        summary = RayExtractSummary(Path(out), len(inputs.paths), len(inputs.paths) - len(todo), len(todo), 0, 0.0,
+                                    backend=loaded.backend, precision=loaded.precision)
         if todo:
             by_path = [p for p in todo if p not in by_bytes]
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]

@@ -30,7 +30,7 @@ METADATA_KEY = b"internvit"
 # Settings that must agree between a file and a run that appends to it.
 # Everything that determines a row's features: the weights (by content, see `weights.files_fingerprint`), the model
 # path, the preprocessing (EXIF orientation included) and what is stored.
-COMPATIBLE_KEYS = ("model", "weights_fingerprint", "dtype", "layers", "patch_tokens", "visual_tokens", "projector",
+COMPATIBLE_KEYS = ("model", "weights_fingerprint", "dtype", "backend", "precision", "layers", "patch_tokens", "visual_tokens", "projector",
                    "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
 
 
@@ -44,11 +44,18 @@ class OutputLockedError(ValueError):
 
 def check_compatible(have: dict, wanted: dict, *, path: object) -> None:
     """Refuse to add rows made with `wanted` settings to a file written with `have`, naming each differing field."""
+    have = {**_legacy_defaults(have), **have}
     diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
     if diff:
         shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise OutputMismatchError(f"{path} was written with other settings ({shown}); resuming would mix their "
                                   "features: use the same model and options, or choose another --out")
+
+
+def _legacy_defaults(have: dict) -> dict:
+    """Outputs written before backends existed were made by torch in their `dtype`: resuming them still works."""
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    return {"backend": "torch", "precision": short.get(have.get("dtype"), have.get("dtype"))}
 
 
 def unreadable_output(path: object, error: Exception) -> OutputMismatchError:
