@@ -2,7 +2,7 @@
 
 References:
     - `torch.onnx.export(..., dynamo=True)` (torch.export, then ONNX): the graph is traced from `_Graph`, which
-      calls `InternVisionModel._forward` directly, so the CPU micro-batching in `forward` (a Python loop over
+      calls `InternVisionModel._run_chunk` directly, so the CPU micro-batching in `forward` (a Python loop over
       the batch) stays out of the graph and the batch axis stays symbolic.
     - OpenVINO reads the ONNX file (`ov.convert_model`); the IR is that graph, saved. A user of optimum-intel
       gets the same graph the same way, so `benchmarks/bench_vit.py` compares like with like.
@@ -104,8 +104,8 @@ class _Graph(nn.Module):
         self.model, self.layers = model, layers
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model._forward(pixel_values, None, bool(self.layers))
-        return (out.last_hidden_state, *(out.hidden_states[i] for i in self.layers))
+        last, states = self.model._run_chunk(pixel_values, None, self.layers, None)
+        return (last, *(states[i] for i in self.layers))
 
 
 def export_onnx(model: nn.Module, path: Path, *, layers: tuple[int, ...], batch: int | None) -> None:
