@@ -345,6 +345,7 @@ def test_int8_shipped_recipe_keeps_fidelity_where_plain_does_not(outlier_ckpt, t
         internvit.from_pretrained(tmp_path / "int8", dtype="fp32")
 
 
+@pytest.mark.gpu
 def test_onnxruntime_cuda_provider(onnx_dir, reference):
     """The ONNX export on onnxruntime-gpu's CUDA provider (run where a GPU and onnxruntime-gpu are present)."""
     import onnxruntime as ort
