@@ -22,6 +22,19 @@ import internvit
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(2)
+    # Exports of checkpoints and OpenVINO's compiled blobs go to a folder of this session, never to ~/.cache
+    # (set before any Ray instance starts, so that its workers inherit it).
+    import os
+    import tempfile
+
+    os.environ["INTERNVIT_CACHE"] = config._internvit_cache = tempfile.mkdtemp(prefix="internvit-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    if getattr(config, "_internvit_cache", None):
+        shutil.rmtree(config._internvit_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

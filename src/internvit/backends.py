@@ -200,9 +200,11 @@ class ExportedEncoder:
         return InternVisionOutput(last_hidden_state=last, pooler_output=last[:, 0], hidden_states=hidden)
 
     def forward_intermediates(self, pixel_values: torch.Tensor, indices: Sequence[int] = (-1,)) -> list[torch.Tensor]:
-        """`InternVisionModel.forward_intermediates`: the exported hidden states at `indices` (-1 = last)."""
-        hidden = self.forward(pixel_values, output_hidden_states=True).hidden_states
-        return [hidden[i] for i in indices]
+        """timm's `forward_intermediates` surface: the hidden states at `indices` (0 = embeddings, -1 = last),
+        one tensor per index, each of them an output of the graph (else the error names the `--layers` needed)."""
+        self.require_layers(indices)
+        out = self.forward(pixel_values, output_hidden_states=True)
+        return [out.hidden_states[i] for i in indices]
 
     # -- loading
     @classmethod

@@ -108,6 +108,8 @@ def test_onnx_export_folder_and_parity(onnx_dir, reference, tiny):
     assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= 1e-4
     assert (out.hidden_states[1] - ref.hidden_states[1]).abs().max() <= 1e-4
     assert torch.equal(out.hidden_states[2], out.last_hidden_state)
+    first, last = enc.forward_intermediates(x, (1, -1))
+    assert torch.equal(first, out.hidden_states[1]) and torch.equal(last, out.last_hidden_state)
     with pytest.raises(ValueError, match="layer 0 .*not in this export.*--layers 0"):
         out.hidden_states[0]
     with pytest.raises(ValueError, match="not a checkpoint"):
