@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,10 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets write features.parquet next to them
     blocks = [b for b in code_blocks(ROOT / "README.md", "python") if "openai" not in b]  # openai: needs a server
     assert blocks
-    for block in blocks:
-        code = block.replace(HUB_ID, str(ckpt))
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    for block in blocks:  # as a user runs them: a fresh interpreter each
+        proc = subprocess.run([sys.executable, "-c", block.replace(HUB_ID, str(ckpt))], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"README snippet failed:\n{block}\n{proc.stderr}"
     assert (tmp_path / "features.parquet").is_file()
 
 
