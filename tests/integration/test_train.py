@@ -267,7 +267,8 @@ def test_exported_vit_and_chat_checkpoint_round_trip(parts, tmp_path):
 
 
 DDP_SCRIPT = """
-import json, os, sys, torch
+import faulthandler, json, os, sys, torch
+faulthandler.enable()  # a native crash of a rank prints where it happened
 from pathlib import Path
 from internvit.train.data import ConversationDataset, load_meta
 from internvit.train.loop import build_model, train
@@ -316,7 +317,7 @@ def test_two_gloo_processes_match_one_process(parts, tmp_path, mode):
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
 
     def rows(proc):
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[-8000:]
         line = next(l for l in proc.stdout.splitlines() if l.startswith("ROWS="))
         return json.loads(line[5:])
 
