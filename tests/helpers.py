@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -234,3 +236,47 @@ def reference_forward(sd: dict, cfg: internvit.InternVisionConfig, pixels: torch
         x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"]) * sd[p + "ls2"]
         states.append(x)
     return states
+
+
+# ---- InternVL's training frame sampling, transcribed from OpenGVLab/InternVL 2410d1d --------------------------
+# internvl_chat/internvl/train/dataset.py: draws from the global `random` and `np.random`, as InternVL does.
+
+
+def get_frame_indices(num_frames, vlen, sample='rand', fix_start=None, input_fps=1, max_num_frames=-1):
+    """dataset.py lines 61-99 (the 'fps' branch left out: the stage scripts sample 'rand')."""
+    if sample in ['rand', 'middle']:  # uniform sampling
+        acc_samples = min(num_frames, vlen)
+        # split the video into `acc_samples` intervals, and sample from each interval.
+        intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+        ranges = []
+        for idx, interv in enumerate(intervals[:-1]):
+            ranges.append((interv, intervals[idx + 1] - 1))
+        if sample == 'rand':
+            try:
+                frame_indices = [random.choice(range(x[0], x[1])) for x in ranges]
+            except:  # noqa: E722 (as InternVL)
+                frame_indices = np.random.permutation(vlen)[:acc_samples]
+                frame_indices.sort()
+                frame_indices = list(frame_indices)
+        elif fix_start is not None:
+            frame_indices = [x[0] + fix_start for x in ranges]
+        elif sample == 'middle':
+            frame_indices = [(x[0] + x[1]) // 2 for x in ranges]
+        else:
+            raise NotImplementedError
+
+        if len(frame_indices) < num_frames:  # padded with last frame
+            padded_frame_indices = [frame_indices[-1]] * num_frames
+            padded_frame_indices[:len(frame_indices)] = frame_indices
+            frame_indices = padded_frame_indices
+    else:
+        raise ValueError
+    return frame_indices
+
+
+def read_frames_gif(vlen, num_frames, sample='rand', min_num_frames=4):
+    """dataset.py lines 102-123: the indices of the GIF frames it returns (`for index, frame in enumerate(gif): if
+    index in frame_indices: frames.append(frame)`)."""
+    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
+    frame_indices = get_frame_indices(t_num_frames, vlen, sample=sample)
+    return [index for index in range(vlen) if index in frame_indices]

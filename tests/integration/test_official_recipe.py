@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_frames_gif
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -314,32 +315,6 @@ def test_cli_defaults_pack_and_no_pack_turns_it_off():
 # ---- 2: video frames in training ---------------------------------------------------------------------------
 
 
-def read_frames_gif_indices(vlen, num_frames, min_num_frames):
-    """InternVL `internvl_chat/internvl/train/dataset.py` lines 61-86 (`get_frame_indices`, sample='rand') and
-    102-123 (`read_frames_gif`: the GIF frames whose index was drawn, once each), over frame indices."""
-    import random
-
-    import numpy as np
-
-    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
-    acc_samples = min(t_num_frames, vlen)
-    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
-    ranges = []
-    for idx, interv in enumerate(intervals[:-1]):
-        ranges.append((interv, intervals[idx + 1] - 1))
-    try:
-        frame_indices = [random.choice(range(x[0], x[1])) for x in ranges]
-    except:  # noqa: E722 (as InternVL)
-        frame_indices = np.random.permutation(vlen)[:acc_samples]
-        frame_indices.sort()
-        frame_indices = list(frame_indices)
-    if len(frame_indices) < t_num_frames:
-        padded_frame_indices = [frame_indices[-1]] * t_num_frames
-        padded_frame_indices[:len(frame_indices)] = frame_indices
-        frame_indices = padded_frame_indices
-    return [index for index in range(vlen) if index in frame_indices]
-
-
 def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
     """The example GIF sample (12 frames): each epoch its frames are those InternVL's read_frames_gif draws with
     that epoch's seed; one tile and one `Frame-k: <image>` per frame; the same (index, epoch) gives the same
@@ -362,7 +337,7 @@ def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
         seed = ds.seeds(video, epoch)[0]
         random.seed(seed)
         np.random.seed(seed)
-        expected = read_frames_gif_indices(12, 32, 2)
+        expected = read_frames_gif(12, 32, min_num_frames=2)  # dataset.py 102-123, in tests/helpers.py
         out = ds[(video, epoch)]
         assert out["pixel_values"].shape[0] == len(expected) == int((out["input_ids"] == end).sum())
         text = tok.decode(out["input_ids"])

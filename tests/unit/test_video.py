@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import get_frame_indices, read_frames_gif
+
 from internvit.preprocess.image import ImageLoadError
 from internvit.preprocess.video import VideoLoadError, frame_indices, load_frames, sample_frame_indices, train_frames
 
@@ -257,46 +259,6 @@ def test_bad_inputs_raise_video_load_error_naming_the_file(tmp_path, make):
 # internvl_chat/internvl/train/dataset.py; the readers return the frames of these indices (the tests read the frame
 # contents to check ours gives those frames). TCSLoader.__call__ (lines 228-244) passes num_frames=max_num_frame and
 # min_num_frames=min_num_frame (8 and 32 in every InternVL 2.5 stage script).
-
-
-def get_frame_indices(num_frames, vlen, sample='rand', fix_start=None, input_fps=1, max_num_frames=-1):
-    """dataset.py lines 61-99 (the 'fps' branch left out: the stage scripts sample 'rand')."""
-    if sample in ['rand', 'middle']:  # uniform sampling
-        acc_samples = min(num_frames, vlen)
-        # split the video into `acc_samples` intervals, and sample from each interval.
-        intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
-        ranges = []
-        for idx, interv in enumerate(intervals[:-1]):
-            ranges.append((interv, intervals[idx + 1] - 1))
-        if sample == 'rand':
-            try:
-                frame_indices = [random.choice(range(x[0], x[1])) for x in ranges]
-            except:  # noqa: E722 (as InternVL)
-                frame_indices = np.random.permutation(vlen)[:acc_samples]
-                frame_indices.sort()
-                frame_indices = list(frame_indices)
-        elif fix_start is not None:
-            frame_indices = [x[0] + fix_start for x in ranges]
-        elif sample == 'middle':
-            frame_indices = [(x[0] + x[1]) // 2 for x in ranges]
-        else:
-            raise NotImplementedError
-
-        if len(frame_indices) < num_frames:  # padded with last frame
-            padded_frame_indices = [frame_indices[-1]] * num_frames
-            padded_frame_indices[:len(frame_indices)] = frame_indices
-            frame_indices = padded_frame_indices
-    else:
-        raise ValueError
-    return frame_indices
-
-
-def read_frames_gif(vlen, num_frames, sample='rand', min_num_frames=4):
-    """dataset.py lines 102-123: the indices of the GIF frames it returns (`for index, frame in enumerate(gif): if
-    index in frame_indices: frames.append(frame)`)."""
-    t_num_frames = np.random.randint(min_num_frames, num_frames + 1)
-    frame_indices = get_frame_indices(t_num_frames, vlen, sample=sample)
-    return [index for index in range(vlen) if index in frame_indices]
 
 
 def read_frames_decord(vlen, fps, num_frames, sample='rand', clip=None, min_num_frames=4):
