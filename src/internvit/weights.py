@@ -23,7 +23,6 @@ from internvit.checkpoint import (  # noqa: F401 - re-exported
     WEIGHTS_NAME,
     Checkpoint,
     CheckpointError,
-    _remove_stale_weights,
     check_state_dict,
     check_target,
     files_fingerprint,

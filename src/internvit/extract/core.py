@@ -98,6 +98,15 @@ class ExtractOptions:
             object.__setattr__(self, "visual_tokens", True)
 
 
+def options_from(options: ExtractOptions | None, fields: dict) -> ExtractOptions:
+    """An engine's `options` argument, or the `ExtractOptions` its keyword fields make (not both)."""
+    if options is None:
+        return ExtractOptions(**fields)
+    if fields:
+        raise TypeError(f"pass the options as ExtractOptions or as keywords, not both ({', '.join(fields)})")
+    return options
+
+
 @dataclass
 class ExtractSummary:
     out: Path

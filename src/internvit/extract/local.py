@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-from internvit.extract.core import ExtractOptions, ExtractSummary, Item, Prepare, RowEncoder, load_model, output_schema
+from internvit.extract.core import (
+    ExtractOptions,
+    ExtractSummary,
+    Item,
+    Prepare,
+    RowEncoder,
+    load_model,
+    options_from,
+    output_schema,
+)
 from internvit.extract.sources import expand_sources
 from internvit.extract.store import FeatureStore, output_lock
 
@@ -51,7 +60,7 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         num_workers: preprocessing processes (0 = in the main process).
         flush_seconds: make finished rows durable at least this often (0 = after every batch).
     """
-    options = _options(options, fields)
+    options = options_from(options, fields)
     start = time.perf_counter()
     out = Path(out)
     if out.is_dir():
@@ -91,11 +100,3 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         return ExtractSummary(store.out, len(paths), len(paths) - len(todo), len(todo), store.failed(),
                               time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles,
                               loaded.backend, loaded.precision)
-
-
-def _options(options: ExtractOptions | None, fields: dict) -> ExtractOptions:
-    if options is None:
-        return ExtractOptions(**fields)
-    if fields:
-        raise TypeError(f"pass the options as ExtractOptions or as keywords, not both ({', '.join(fields)})")
-    return options

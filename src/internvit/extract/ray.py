@@ -48,6 +48,7 @@ from internvit.extract.core import (
     RowEncoder,
     inspect_model,
     load_model,
+    options_from,
     output_schema,
 )
 from internvit.extract.sources import list_inputs, read_bytes
@@ -295,10 +296,7 @@ def extract_features_ray(
         path_column, bytes_column: the columns of input tables.
         stall_timeout: fail with a message after this many seconds without a finished batch (None = never).
     """
-    if options is None:
-        options = ExtractOptions(**fields)
-    elif fields:
-        raise TypeError(f"pass the options as ExtractOptions or as keywords, not both ({', '.join(fields)})")
+    options = options_from(options, fields)
     if isinstance(options.model, torch.nn.Module):
         raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
     out = os.fspath(out)

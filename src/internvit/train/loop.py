@@ -368,10 +368,11 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from internvit.checkpoint import hub_kwargs, offline_error
     from internvit.model.llm import add_special_tokens, dtype_kwarg
     from internvit.model.projector import ProjectorConfig
     from internvit.registry import DEFAULT_MODEL
-    from internvit.weights import from_pretrained, hub_kwargs, offline_error
+    from internvit.weights import from_pretrained
 
     if init is not None:
         model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
