@@ -60,17 +60,32 @@ def randomize():
     return randomize_
 
 
-# ---- one random 300M, built once per module that uses it (freed after it: ~1.2 GB) -------------------
+# ---- one random 300M, written once per module that uses it; its users build one model at a time ----------
 
 
 @dataclass
 class Random300M:
-    timm_model: nn.Module  # timm vit_intern300m_patch14_448, random weights, fp32, eval
+    """One set of random 300M weights on disk, in timm's and the official layout (no model kept in memory: the
+    parity tests build each implementation in turn, so that at most two 1.2 GB models are alive at once)."""
+
     timm_file: Path  # timm's state dict as saved by timm (timm layout), no config.json next to it
     official_dir: Path  # the same weights, official keys (test-written renames) + the official config.json
 
-    def timm_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.timm_model.state_dict()
+    def timm_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return {k: v.to(dtype) for k, v in load_file(self.timm_file).items()}
+
+    def timm_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """timm's `vit_intern300m_patch14_448` with these weights, built on the meta device and given the loaded
+        tensors (no second copy), in eval mode."""
+        import timm
+
+        with torch.device("meta"):
+            model = timm.create_model("vit_intern300m_patch14_448", pretrained=False)
+        model.load_state_dict(self.timm_state_dict(dtype), strict=True, assign=True)
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +94,8 @@ def random_300m(tmp_path_factory: pytest.TempPathFactory) -> Random300M:
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_intern300m_patch14_448", pretrained=False)
     randomize_(model, seed=300)
-    model.eval()
     root = tmp_path_factory.mktemp("random_300m")
     sd = model.state_dict()
     timm_file = save_safetensors(sd, root / "timm" / "model.safetensors")
-    official = timm_to_official(sd)
-    official_dir = write_official_checkpoint(root / "official", official, official_config_300m())
-    return Random300M(timm_model=model, timm_file=timm_file, official_dir=official_dir)
+    official_dir = write_official_checkpoint(root / "official", timm_to_official(sd), official_config_300m())
+    return Random300M(timm_file=timm_file, official_dir=official_dir)

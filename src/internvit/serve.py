@@ -538,7 +538,7 @@ def serve_ray(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 800
     Without `address` a local Ray instance bound to loopback is started. With `blocking`, runs until Ctrl-C or
     SIGTERM, then shuts Serve down; else returns the deployment handle.
     """
-    from internvit.extract.ray import connect
+    from internvit.extract.cluster import connect
 
     connect(address)
     from ray import serve as ray_serve

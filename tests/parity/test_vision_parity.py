@@ -48,23 +48,20 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
 
 
-# ---- the three models, built once per module ---------------------------------------------------------
+# ---- the three models: ours kept for the module, each peer built in turn ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def timm_model(random_300m):
-    return random_300m.timm_model
+HF_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
+               patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+               use_mean_pooling=True, layer_scale_init_value=0.1, attn_implementation="sdpa")
 
 
-@pytest.fixture(scope="module")
-def hf_model(random_300m):
-    config = transformers.InternVLVisionConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
-        patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
-        use_mean_pooling=True, layer_scale_init_value=0.1, attn_implementation="sdpa",
-    )
-    model = transformers.InternVLVisionModel(config)
-    model.load_state_dict(timm_to_transformers(random_300m.timm_state_dict()), strict=True)
+def hf_model(random_300m, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' `InternVLVisionModel`, built on the meta device and given the renamed tensors (strict)."""
+    with torch.device("meta"):
+        model = transformers.InternVLVisionModel(transformers.InternVLVisionConfig(**HF_300M))
+    model.load_state_dict(timm_to_transformers(random_300m.timm_state_dict(dtype)), strict=True, assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.config._attn_implementation == "sdpa"
     return model.eval()
 
@@ -87,15 +84,14 @@ def pixels_448x672():
 
 
 @pytest.fixture(scope="module")
-def out_448(timm_model, hf_model, ours, pixels_448):
+def out_448(random_300m, ours, pixels_448):
     with torch.no_grad():
-        timm_feats = timm_model.forward_features(pixels_448)
-        out = {
-            "timm": timm_feats,
-            "timm_cls": timm_model.forward_head(timm_feats, pre_logits=True),  # global_pool='token': raw CLS
-            "hf": hf_model(pixels_448).last_hidden_state,
-            "ours": ours(pixels_448),
-        }
+        out = {"ours": ours(pixels_448)}
+        timm_model = random_300m.timm_model()
+        out["timm"] = timm_model.forward_features(pixels_448)
+        out["timm_cls"] = timm_model.forward_head(out["timm"], pre_logits=True)  # global_pool='token': raw CLS
+        del timm_model
+        out["hf"] = hf_model(random_300m)(pixels_448).last_hidden_state
     # A check of the references, not of our code: the two test-written mappings describe one function.
     assert max_abs(out["hf"], out["timm"]) <= FP32_ATOL
     return out
@@ -240,19 +236,16 @@ def test_timm_default_antialias_differs_from_official(out_448x672):
 
 
 @pytest.fixture(scope="module")
-def out_bf16(random_300m, timm_model, hf_model, pixels_448, out_448):
+def out_bf16(random_300m, pixels_448, out_448):
+    """Each implementation loaded in bf16 in turn (its weights are the fp32 ones cast, as the official files)."""
     x = pixels_448.bfloat16()
     ours_bf16 = internvit.from_pretrained(random_300m.official_dir, dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in ours_bf16.parameters())
     with torch.no_grad():
         out = {"ours": ours_bf16(x).last_hidden_state}
         del ours_bf16
-        timm_bf16 = copy.deepcopy(timm_model).to(torch.bfloat16)
-        out["timm"] = timm_bf16.forward_features(x)
-        del timm_bf16
-        hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
-        out["hf"] = hf_bf16(x).last_hidden_state
-        del hf_bf16
+        out["timm"] = random_300m.timm_model(torch.bfloat16).forward_features(x)
+        out["hf"] = hf_model(random_300m, torch.bfloat16)(x).last_hidden_state
     out["timm_fp32"] = out_448["timm"]
     return out
 
