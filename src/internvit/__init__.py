@@ -8,17 +8,19 @@ Public API (see README.md):
     extract_features                                                        files -> Parquet
 """
 
+from importlib import import_module as _import_module
+
 from internvit.config import PRESETS as PRESETS
 from internvit.config import InternVisionConfig as InternVisionConfig
 from internvit.model.vision import InternVisionModel as InternVisionModel
 from internvit.model.vision import InternVisionOutput as InternVisionOutput
 from internvit.checkpoint import CheckpointError as CheckpointError
-from internvit.weights import from_pretrained as from_pretrained
 
 __version__ = "0.1.0"
 
 # Loaded on first use, so that `import internvit` pulls in neither Pillow nor pyarrow.
 _LAZY = {
+    "from_pretrained": "internvit.backends",
     "ImageProcessor": "internvit.preprocess",
     "ImageLoadError": "internvit.preprocess",
     "open_image": "internvit.preprocess",
@@ -26,7 +28,7 @@ _LAZY = {
     "dynamic_tiles": "internvit.preprocess.tiling",
     "TileLayout": "internvit.preprocess.tiling",
     "load_frames": "internvit.preprocess.video",
-    "tile_image": "internvit.features",
+    "tile_image": "internvit.preprocess.tiling",
     "encode_images": "internvit.features",
     "visual_tokens": "internvit.features",
     "Projector": "internvit.model.projector",
@@ -38,7 +40,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'internvit' has no attribute {name!r}")

@@ -27,7 +27,7 @@ import torch
 
 from internvit._fileio import atomic_write
 from internvit.config import PRESETS, InternVisionConfig
-from internvit.registry import REGISTRY
+from internvit.registry import PREPROCESSOR_CONFIG, REGISTRY
 
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
@@ -530,8 +530,6 @@ def save_pretrained(
     """Write an official-layout checkpoint: config.json, model.safetensors, preprocessor_config.json."""
     from safetensors.torch import save_file
 
-    from internvit.preprocess import ImageProcessor
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_weights(out)
@@ -542,6 +540,6 @@ def save_pretrained(
     cfg["torch_dtype"] = str(stored).removeprefix("torch.")
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
-    pre = preprocessor if preprocessor is not None else ImageProcessor().to_dict()
+    pre = preprocessor if preprocessor is not None else PREPROCESSOR_CONFIG
     atomic_write(out / PREPROCESSOR_NAME, lambda p: Path(p).write_text(json.dumps(pre, indent=2) + "\n"))
     return out

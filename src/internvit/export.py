@@ -37,9 +37,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvit import __version__
 from internvit._fileio import atomic_write
+from internvit.checkpoint import PREPROCESSOR_NAME, check_target
+from internvit.preprocess import ImageLoadError, ImageProcessor, open_image
+from internvit.preprocess.tiling import tile_image
+from internvit.preprocess.video import is_video_name
+from internvit.runtime import MANIFEST_NAME, ExportedEncoder, ExportError, require
+from internvit.sources import expand_sources
+from internvit.weights import from_checkpoint
 
-MANIFEST_NAME = "internvit_export.json"
 FIDELITY_NAME = "fidelity_report.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
 FORMATS = tuple(MODEL_FILES)
@@ -54,21 +61,6 @@ INT8_MIN_CLS_COSINE = 0.99
 KNN = 10  # neighbours compared in the fidelity report
 HELDOUT_TILES = 32  # held-out tiles at most (the torch fp32 reference runs on each)
 SYNTHETIC_IMAGE = (1000, 500)  # the validation image when no calibration images are given (2 tiles + thumbnail)
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or does not meet its tolerance; the message says which and why."""
-
-
-def require(module: str, extra: str, purpose: str):
-    """Import an optional dependency, or fail naming the extra that provides it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the {module} package ({e}); install it with "
-                          f"pip install 'internvit[{extra}]'") from None
 
 
 def output_names(layers: Sequence[int], num_hidden_layers: int) -> list[str]:
@@ -145,11 +137,6 @@ def calibration_tiles(sources, *, tile_size: int, calibration_size: int, max_til
     Images are shuffled with a fixed seed; every fourth is held out (never calibrated on). Tiles are taken round
     robin over the images (thumbnails first), so N calibration tiles come from as many images as possible.
     """
-    from internvit.extract.sources import expand_sources
-    from internvit.features import tile_image
-    from internvit.preprocess import ImageLoadError, open_image
-    from internvit.preprocess.video import is_video_name
-
     paths = [p for p in expand_sources(sources) if not is_video_name(p)]
     random.Random(0).shuffle(paths)
     if len(paths) < 2:
@@ -192,8 +179,6 @@ def synthetic_tiles(tile_size: int) -> Tiles:
     """
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
-
-    from internvit.features import tile_image
 
     w, h = SYNTHETIC_IMAGE
     rng = np.random.default_rng(0)
@@ -366,9 +351,7 @@ def versions() -> dict:
     import importlib.metadata as md
     import platform
 
-    import internvit
-
-    out = {"internvit": internvit.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"internvit": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
         try:
             out[name] = md.version(name)
@@ -427,8 +410,6 @@ def export(
     Raises:
         ExportError: bad options, or an exported model outside its tolerance (nothing is written then).
     """
-    from internvit.weights import PREPROCESSOR_NAME, check_target, from_pretrained
-
     start = time.perf_counter()
     say = log or (lambda _: None)
     if format not in FORMATS:
@@ -454,15 +435,13 @@ def export(
         require("onnxruntime", "onnx", "validating an ONNX export")
 
     say(f"loading {model} (fp32, torch)")
-    vit = from_pretrained(model, dtype="fp32", revision=revision, attn_implementation="sdpa")
+    vit = from_checkpoint(model, dtype="fp32", revision=revision, attn_implementation="sdpa")
     ckpt, config = vit.checkpoint, vit.config
     layers = parse_layers(layers, config.num_hidden_layers)
     names = output_names(layers, config.num_hidden_layers)
 
     processor = None
     if ckpt.preprocessor_path:
-        from internvit.preprocess import ImageProcessor
-
         processor = ImageProcessor.from_json(ckpt.preprocessor_path)
     if calibration:
         tiles = calibration_tiles(list(calibration), tile_size=config.image_size,
@@ -500,8 +479,6 @@ def export(
 
         say(f"validating on {len(tiles.heldout)} held-out tile(s) ({tiles.source}) against the fp32 torch model")
         ref = torch_reference(vit, tiles.heldout, layers)
-        from internvit.backends import ExportedEncoder
-
         manifest = {
             "format": format, "precision": precision, "batch": batch_n or "dynamic",
             "model_file": MODEL_FILES[format], "input": INPUT_NAME, "outputs": names,
@@ -542,8 +519,6 @@ def export(
         if ckpt.preprocessor_path:
             shutil.copyfile(ckpt.preprocessor_path, out / PREPROCESSOR_NAME)
         else:
-            from internvit.preprocess import ImageProcessor
-
             (out / PREPROCESSOR_NAME).write_text(json.dumps(ImageProcessor().to_dict(), indent=2) + "\n")
         if precision == "int8":
             report = {k: manifest[k] for k in ("source", "int8")} | {"fidelity": result}
@@ -558,15 +533,3 @@ def _source_name(model) -> str:
     return os.path.realpath(name) if os.path.exists(name) else name
 
 
-def is_export(path: str | os.PathLike) -> bool:
-    """Whether `path` is an export folder (or a file in one) written by `export`."""
-    p = Path(os.fspath(path).removeprefix("local-dir:"))
-    return (p / MANIFEST_NAME).is_file() or (p.is_file() and (p.parent / MANIFEST_NAME).is_file()
-                                              and p.suffix in (".onnx", ".xml"))
-
-
-def export_format(path: str | os.PathLike) -> str:
-    """"onnx" or "openvino": the format of the export folder (or file in one) at `path`."""
-    p = Path(os.fspath(path).removeprefix("local-dir:"))
-    folder = p.parent if p.is_file() else p
-    return json.loads((folder / MANIFEST_NAME).read_text())["format"]

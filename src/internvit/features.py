@@ -21,7 +21,7 @@ import torch
 from internvit.model.projector import Projector, unshuffle_tokens
 from internvit.model.vision import InternVisionModel
 from internvit.preprocess.image import ImageSource
-from internvit.preprocess.tiling import TiledImage, TileLayout, tile_image, tile_images  # noqa: F401 - re-exported
+from internvit.preprocess.tiling import TiledImage, TileLayout, tile_images
 from internvit.registry import DEFAULT_MAX_TILES
 
 

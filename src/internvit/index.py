@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from internvit.feature_table import FeatureTable, read_features, settings_mismatch
+from internvit._fileio import atomic_write
+from internvit.extract import extract_features
+from internvit.feature_table import FeatureTable, feature_columns, read_features, settings_mismatch
 
 INDEX_KINDS = ("auto", "exact", "ann")
 INDEX_EXACT_MAX_ROWS = 1_000_000  # `build_index(kind="auto")`: exact up to this many vectors (module docstring)
@@ -220,8 +222,6 @@ def build_index(files, out: str | os.PathLike, *, feature: str = "cls", kind: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from internvit._fileio import atomic_write
-
     if kind not in INDEX_KINDS:
         raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
     start = time.perf_counter()
@@ -293,9 +293,6 @@ def query_features(index: Index, queries, **extract_options) -> FeatureTable:
 
 def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     """Run `internvit.extract_features` on `images` with the model and settings the index's features came from."""
-    from internvit.extract import extract_features
-    from internvit.feature_table import feature_columns
-
     meta = index.metadata
     model = meta.get("model")
     if not model or model == "in-memory model":

@@ -13,6 +13,20 @@ from dataclasses import dataclass
 DEFAULT_MODEL = "OpenGVLab/InternViT-300M-448px-V2_5"
 DEFAULT_MAX_TILES = 12  # the model card's dynamic tiling budget (spec §4)
 
+# The official repository's preprocessor_config.json (spec §3.1), written beside weights that come without one;
+# `preprocess.ImageProcessor()` has exactly these defaults (tests/unit/test_preprocess.py pins both to the file).
+PREPROCESSOR_CONFIG = {
+    "crop_size": 448,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 448,
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainedEntry:

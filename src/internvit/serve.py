@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from internvit import __version__
+from internvit.extract.cluster import connect
 from internvit.extract.core import ExtractOptions, Item, Prepare, RowEncoder, load_model
 from internvit.model.vision import layer_indices
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
@@ -504,8 +506,6 @@ def _engine_metrics(state: dict, reason: str) -> None:
 
 
 def _version() -> str:
-    from internvit import __version__
-
     return __version__
 
 
@@ -538,8 +538,6 @@ def serve_ray(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 800
     Without `address` a local Ray instance bound to loopback is started. With `blocking`, runs until Ctrl-C or
     SIGTERM, then shuts Serve down; else returns the deployment handle.
     """
-    from internvit.extract.cluster import connect
-
     connect(address)
     from ray import serve as ray_serve
 

@@ -29,6 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from internvit.features import stitch_tiles
+from internvit.preprocess import ImageProcessor, open_image
+from internvit.preprocess.tiling import tile_image
+from internvit.sources import expand_sources
+from internvit.weights import from_checkpoint
+
 MAX_SIDE = 2048  # pictures of larger images are scaled down so that their long side is this
 
 
@@ -43,10 +49,7 @@ class EncodedImage:
 
 
 def _load(model: str | torch.nn.Module, *, dtype: str | None, device: str | None):
-    from internvit.preprocess import ImageProcessor
-    from internvit.weights import from_pretrained
-
-    vit = model if isinstance(model, torch.nn.Module) else from_pretrained(model, dtype=dtype, device=device)
+    vit = model if isinstance(model, torch.nn.Module) else from_checkpoint(model, dtype=dtype, device=device)
     vit.eval()
     ckpt = getattr(vit, "checkpoint", None)
     processor = (ImageProcessor.from_json(ckpt.preprocessor_path) if ckpt is not None and ckpt.preprocessor_path
@@ -56,9 +59,6 @@ def _load(model: str | torch.nn.Module, *, dtype: str | None, device: str | None
 
 def _tiles(path: str, vit, processor, tiles: str, max_tiles: int) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
     """The encoder's input for one image: tiles [T, 3, S, S], the grid (cols, rows), and the pixels they cover."""
-    from internvit.features import tile_image
-    from internvit.preprocess import open_image
-
     image = open_image(path)
     if tiles == "dynamic":
         tiled = tile_image(image, max_tiles=max_tiles, tile_size=vit.config.image_size)
@@ -69,8 +69,6 @@ def _tiles(path: str, vit, processor, tiles: str, max_tiles: int) -> tuple[torch
 
 
 def _stitch(maps_ThwX: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    from internvit.features import stitch_tiles
-
     return stitch_tiles(maps_ThwX, grid)
 
 
@@ -262,8 +260,6 @@ def viz(kind: str, images, out: str | os.PathLike, *, model: str | torch.nn.Modu
     Returns:
         The PNG files written, in input order.
     """
-    from internvit.extract.sources import expand_sources
-
     if kind not in ("pca", "attention"):
         raise ValueError(f"kind must be 'pca' or 'attention', got {kind!r}")
     paths = expand_sources(images)

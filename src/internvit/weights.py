@@ -1,4 +1,5 @@
-"""From a name, a folder, a file or a Hub repo id to an `InternVisionModel` with its weights, and back to disk.
+"""From a name, a folder, a file or a Hub repo id to an `InternVisionModel` with its weights (`from_checkpoint`,
+the torch backend of `internvit.from_pretrained`), and back to disk (`convert`, `init_checkpoint`).
 
 Files are found, read and key-mapped by `internvit.checkpoint` (below `model/`); this module builds the model on
 the meta device and assigns the memory-mapped tensors to it in their stored dtype, so a bf16 checkpoint never
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from internvit._fileio import atomic_write
 from internvit.checkpoint import (  # noqa: F401 - re-exported
     CONFIG_NAME,
     DTYPES,
@@ -60,7 +60,7 @@ def load_checkpoint(
     return ckpt, config, sd
 
 
-def from_pretrained(
+def from_checkpoint(
     name_or_path: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,
@@ -69,37 +69,9 @@ def from_pretrained(
     config: InternVisionConfig | None = None,
     attn_implementation: str = "auto",
     cache_dir: str | None = None,
-    backend: str | None = None,
-    layers: tuple[int, ...] = (),
 ) -> InternVisionModel:
-    """Load an InternViT encoder, in eval mode.
-
-    Args:
-        name_or_path: a local folder or weight file, a Hub repo id (`OpenGVLab/InternViT-300M-448px-V2_5`),
-            `hf-hub:ORG/REPO`, `local-dir:PATH`, or a registry name (`internvit-300m-448px-v2_5`). Standalone
-            InternViT (300M, 6B), InternVL 2.5 chat checkpoints (sharded or not), timm and transformers layouts.
-        dtype: fp32 | bf16 | fp16 or a torch dtype; None keeps the stored dtype (bf16 for the official files).
-        device: where to put the weights; None leaves them on the CPU, memory-mapped.
-        revision: a Hub branch, tag or commit.
-        config: overrides the checkpoint's config.json (needed for a timm state dict of an unknown size).
-        attn_implementation: "auto" (default), "sdpa", "blocked" or "eager" (see `InternVisionModel`).
-        cache_dir: a Hugging Face cache folder other than the default.
-        backend: "torch" (the default for checkpoints: this `InternVisionModel`), "openvino", "onnxruntime" or
-            "auto" (`backends.auto_backend`). The others return an `ExportedEncoder` with the same inference
-            surface: an export folder (`internvit export`) loads directly (and is what `None` loads it with);
-            an ordinary checkpoint is exported once into the cache, keyed by its weights' fingerprint.
-        layers: with an exporting backend, the `hidden_states` indices the graph must also output.
-
-    The loaded model carries `model.checkpoint` (the resolved files), which `ImageProcessor.from_pretrained` and
-    `internvit extract` use to find the matching `preprocessor_config.json`.
-    """
-    if backend not in (None, "torch") or _is_export(name_or_path):
-        from internvit.backends import load
-
-        if config is not None:
-            raise ValueError(f"config= is for the torch backend (backend={backend!r} reads the checkpoint's own)")
-        return load(name_or_path, backend=backend, dtype=dtype, device=device, revision=revision,
-                    layers=tuple(layers), cache_dir=cache_dir)
+    """The torch backend of `internvit.from_pretrained` (`backends.py`, whose docstring gives the arguments): an
+    `InternVisionModel` in eval mode, carrying `model.checkpoint` (the resolved files)."""
     ckpt, config, sd = load_checkpoint(name_or_path, revision=revision, config=config, cache_dir=cache_dir)
     target = parse_dtype(dtype) or sd["embeddings.patch_embedding.weight"].dtype
     with torch.device("meta"):
@@ -111,12 +83,6 @@ def from_pretrained(
         model.to(device)
     model.checkpoint = ckpt
     return model.eval()
-
-
-def _is_export(name_or_path) -> bool:
-    from internvit.export import is_export
-
-    return is_export(name_or_path)
 
 
 def convert(

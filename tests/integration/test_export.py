@@ -203,7 +203,7 @@ def test_export_refuses(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_openvino_backend_exports_once_and_caches(tiny, tmp_path, monkeypatch, reference):
-    import internvit.export as ex
+    import internvit.backends
 
     monkeypatch.setenv("INTERNVIT_CACHE", str(tmp_path / "cache"))
     enc = internvit.from_pretrained(tiny, backend="openvino", dtype="fp32", layers=(1,))
@@ -222,7 +222,7 @@ def test_openvino_backend_exports_once_and_caches(tiny, tmp_path, monkeypatch, r
     def no_export(*a, **k):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(ex, "export", no_export)
+    monkeypatch.setattr(internvit.backends, "export", no_export)
     again = internvit.from_pretrained(tiny, backend="openvino")  # cached; bf16 by default
     assert again.precision == "bf16" and again.folder == enc.folder
     with pytest.raises(AssertionError, match="exported again"):  # other weights: another key

@@ -175,7 +175,7 @@ def test_ray_engine_locks_its_shard_folder(ckpt, photos, tmp_path):
 
 
 def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
-    from internvit.extract.sources import expand_sources
+    from internvit.sources import expand_sources
 
     os.mkfifo(photos / "pipe.jpg")
     (photos / "sub").mkdir()
@@ -198,7 +198,7 @@ def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
 
 
 def test_list_file_with_bom(ckpt, photos, tmp_path):
-    from internvit.extract.sources import expand_sources
+    from internvit.sources import expand_sources
 
     listing = tmp_path / "list.txt"
     listing.write_text(f"{photos / 'p0.png'}\n{photos / 'p1.png'}\n", encoding="utf-8-sig")

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from internvit import PRESETS, InternVisionModel
+from internvit.checkpoint import save_pretrained
 from internvit.preprocess import (
     DEFAULT_MAX_PIXELS,
     IMAGENET_MEAN,
@@ -256,6 +258,13 @@ def test_processor_to_json_is_the_official_file(tmp_path: Path) -> None:
     out = tmp_path / "preprocessor_config.json"
     ImageProcessor().to_json(out)
     assert out.read_bytes() == FIXTURE.read_bytes()  # 287 bytes, 19 lines
+
+
+def test_checkpoints_get_the_official_preprocessor_file(tmp_path: Path) -> None:
+    # save_pretrained (below preprocess/) writes registry.PREPROCESSOR_CONFIG beside weights that come without one
+    sd = {k: torch.zeros(v.shape) for k, v in InternVisionModel(PRESETS["tiny"]).state_dict().items()}
+    out = save_pretrained(sd, PRESETS["tiny"], tmp_path / "ckpt")
+    assert json.loads((out / "preprocessor_config.json").read_text()) == json.loads(FIXTURE.read_text())
 
 
 def test_processor_from_dict_size_layouts() -> None:

@@ -25,9 +25,9 @@ from PIL import Image
 
 import internvit
 from helpers import randomize_, random_official_state_dict, reference_forward, save_safetensors
-from internvit.features import TiledFeatures, TiledImage, encode_images, encode_tiles, tile_image, visual_tokens
+from internvit.features import TiledFeatures, encode_images, encode_tiles, visual_tokens
 from internvit.model.projector import Projector, ProjectorConfig, load_projector, pixel_unshuffle, unshuffle_tokens
-from internvit.preprocess.tiling import TileLayout
+from internvit.preprocess.tiling import TiledImage, TileLayout, tile_image
 from internvit.preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD
 from internvit.weights import CheckpointError
 

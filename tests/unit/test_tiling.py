@@ -1,4 +1,4 @@
-"""InternVL 2.5 dynamic tiling (internvit.preprocess.tiling, internvit.features.tile_image/tile_images).
+"""InternVL 2.5 dynamic tiling (internvit.preprocess.tiling: dynamic_tiles, tile_image, tile_images).
 
 Every expectation is independent of internvit:
     - the grid choice is compared with a literal copy of InternVL's `dynamic_preprocess` /
@@ -23,8 +23,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvit.features import tile_image, tile_images
-from internvit.preprocess.tiling import TileLayout, candidate_grids, choose_grid, dynamic_tiles, tile_budget
+from internvit.preprocess.tiling import (
+    TileLayout,
+    candidate_grids,
+    choose_grid,
+    dynamic_tiles,
+    tile_budget,
+    tile_image,
+    tile_images,
+)
 from internvit.preprocess.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from internvit.viz import encode_for_viz, pca_components, viz
-from internvit.weights import from_pretrained, init_checkpoint
+from internvit import from_pretrained
+from internvit.weights import init_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +66,7 @@ def test_cls_attention_equals_manual_computation(tiny_ckpt, tmp_path):
     (e,) = encode_for_viz([img], model=tiny_ckpt, layer=2, tiles="dynamic", attention=True, dtype="fp32")
     assert e.attention.shape == (4, 4, 8)  # heads, stitched 4 x 8 grid
 
-    from internvit.features import tile_image
+    from internvit.preprocess.tiling import tile_image
 
     model = from_pretrained(tiny_ckpt, dtype="fp32")
     pixels = tile_image(Image.open(img).convert("RGB"), max_tiles=12, tile_size=56).pixel_values

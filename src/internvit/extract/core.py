@@ -28,13 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from internvit.checkpoint import state_dict_fingerprint
+from internvit.backends import auto_backend, from_pretrained
+from internvit.checkpoint import check_state_dict, parse_dtype, state_dict_fingerprint
 from internvit.extract.store import feature_schema
 from internvit.features import TiledFeatures, encode_tiles
-from internvit.model.projector import Projector, unshuffle_tokens
-from internvit.model.vision import layer_indices
-from internvit.preprocess.tiling import MAX_TILES, TileLayout
+from internvit.model.projector import Projector, load_projector, unshuffle_tokens
+from internvit.model.vision import InternVisionModel, layer_indices
+from internvit.preprocess import DEFAULT_MAX_PIXELS, ImageLoadError, ImageProcessor, open_image, tile_transform
+from internvit.preprocess.tiling import MAX_TILES, TileLayout, tile_image
+from internvit.preprocess.video import is_video_name, load_frames
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
+from internvit.runtime import export_format, is_export
+from internvit.weights import load_checkpoint
 
 TILE_MODES = ("none", "dynamic")
 BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
@@ -153,18 +158,12 @@ class Prepare:
 
     @classmethod
     def for_model(cls, options: ExtractOptions, loaded: LoadedModel) -> Prepare:
-        from internvit.preprocess import DEFAULT_MAX_PIXELS
-
         return cls(loaded.processor, options.tiles, options.max_tiles, options.frames, loaded.vit.config.image_size,
                    options.exif_transpose, DEFAULT_MAX_PIXELS if options.max_pixels is None else options.max_pixels)
 
     def __call__(self, path: str, data: bytes | None = None) -> Item:
         """`data`: the input's encoded bytes when they come from elsewhere (a Parquet column, a remote file, a
         request); `path` then only names the input (in its row and its error)."""
-        from internvit.preprocess import ImageLoadError, open_image, tile_transform
-        from internvit.preprocess.tiling import tile_image
-        from internvit.preprocess.video import is_video_name, load_frames
-
         try:
             if is_video_name(path):
                 if data is not None:
@@ -256,9 +255,6 @@ def dtype_precision(dtype: torch.dtype) -> str:
 def resolve_backend(options: ExtractOptions, device: str | torch.device | None = None) -> str:
     """`auto` -> the fastest backend installed for this device and dtype; None -> torch. For an export folder
     both mean its own runtime, and for a loaded encoder its backend."""
-    from internvit.backends import auto_backend
-    from internvit.export import export_format, is_export
-
     backend, model = options.backend, options.model
     if backend not in (None, "auto"):
         return backend
@@ -276,9 +272,6 @@ def load_model(options: ExtractOptions, device: str | torch.device | None = None
     the graph must output the extra `layers` and the projector's `select_layer`: it is loaded with them, and a
     layer it lacks is refused before any work.
     """
-    from internvit.model.projector import load_projector
-    from internvit.weights import from_pretrained
-
     device = check_device(options.device if device is None else device)
     backend = resolve_backend(options, device)
     model = options.model
@@ -306,10 +299,6 @@ def load_model(options: ExtractOptions, device: str | torch.device | None = None
 def inspect_model(options: ExtractOptions) -> LoadedModel:
     """`load_model` without reading the weights, for a driver that only needs the schema: the checkpoint resolved
     and checked, the model built on the meta device in the run's dtype, its fingerprint and preprocessing."""
-    from internvit.checkpoint import check_state_dict, parse_dtype
-    from internvit.model.vision import InternVisionModel
-    from internvit.weights import load_checkpoint
-
     if isinstance(options.model, torch.nn.Module):
         raise TypeError("pass the model as a name or path, not a module: each worker loads its own")
     if resolve_backend(options, "cpu") != "torch":
@@ -323,16 +312,12 @@ def inspect_model(options: ExtractOptions) -> LoadedModel:
     processor = _processor(ckpt)
     proj = None
     if options.projector is not None:
-        from internvit.model.projector import load_projector
-
         proj = load_projector(options.projector)
     return LoadedModel(vit, model_name(options.model), ckpt.fingerprint(), processor, proj)
 
 
 def _processor(ckpt):
     """The checkpoint's own `preprocessor_config.json`, else the model card's CLIP settings."""
-    from internvit.preprocess import ImageProcessor
-
     if ckpt is not None and ckpt.preprocessor_path:
         return ImageProcessor.from_json(ckpt.preprocessor_path)
     return ImageProcessor()

@@ -25,7 +25,7 @@ from internvit.extract.core import (
     options_from,
     output_schema,
 )
-from internvit.extract.sources import expand_sources
+from internvit.sources import expand_sources
 from internvit.extract.store import FeatureStore, output_lock
 
 

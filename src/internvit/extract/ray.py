@@ -53,7 +53,7 @@ from internvit.extract.core import (
     options_from,
     output_schema,
 )
-from internvit.extract.sources import list_inputs, read_bytes
+from internvit.sources import list_inputs, read_bytes
 from internvit.extract.store import ShardStore, output_lock, shard_name, write_whole
 
 PREPARE_MEMORY = 1 << 30  # what each prepare task reserves: a worker with torch (~450 MB) + a 100 MP image (300 MB)

@@ -34,6 +34,9 @@ import torch
 from PIL import Image
 
 from internvit.model.template import DEFAULT_SYSTEM, IGNORE_INDEX, IMG_END_TOKEN, image_tokens
+from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_image, to_tensor_normalized
+from internvit.preprocess.tiling import dynamic_tiles, tile_budget, tile_image
+from internvit.preprocess.video import train_frames
 from internvit.registry import DEFAULT_MAX_TILES
 from internvit.train.loss import token_weights
 
@@ -203,11 +206,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         return int(frames), int(augment)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        from internvit.features import tile_image
-        from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_image, to_tensor_normalized
-        from internvit.preprocess.tiling import dynamic_tiles, tile_budget
-        from internvit.preprocess.video import train_frames
-
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         spec, sample = self.items[i]
         sid = f"{spec.name}[{sample.get('id', i)}]"

@@ -26,10 +26,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from internvit.checkpoint import hub_kwargs, offline_error
 from internvit.model.chat import InternVLChatModel
+from internvit.model.llm import add_special_tokens, dtype_kwarg
+from internvit.model.projector import ProjectorConfig
+from internvit.registry import DEFAULT_MODEL
 from internvit.train.batches import MicroBatches, Packer
+from internvit.train.lora import add_lora, merge_lora
 from internvit.train.loss import next_token_loss
 from internvit.train.stages import TrainConfig
+from internvit.weights import from_checkpoint
 
 
 def llm_blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
@@ -44,8 +50,6 @@ def llm_blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
 def apply_stage(model: InternVLChatModel, cfg: TrainConfig) -> None:
     """Trainable parts and drop-path of a stage; InternVL's freezing semantics (spec §6.1). A part with LoRA
     (`vit_lora_rank`, `llm_lora_rank`) keeps its base weights frozen and trains its adapters."""
-    from internvit.train.lora import add_lora
-
     if cfg.vit_lora_rank:
         add_lora(list(model.vision_model.encoder.layers), cfg.vit_lora_rank, dropout=cfg.lora_dropout, seed=cfg.seed)
     if cfg.llm_lora_rank:
@@ -344,8 +348,6 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            from internvit.train.lora import merge_lora
-
             full = merge_lora(full if fsdp else model.state_dict())  # LoRA adapters folded in: plain checkpoints
             model.save_pretrained(run / "final", tokenizer=tokenizer, state_dict=full)
             model.export_vision(run / "vision", state_dict={k.removeprefix("vision_model."): v
@@ -367,12 +369,6 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     `trust_remote_code` lets an LLM that transformers does not ship (InternLM2.5) run its own code, from `llm` or
     from `init`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from internvit.checkpoint import hub_kwargs, offline_error
-    from internvit.model.llm import add_special_tokens, dtype_kwarg
-    from internvit.model.projector import ProjectorConfig
-    from internvit.registry import DEFAULT_MODEL
-    from internvit.weights import from_pretrained
 
     if init is not None:
         model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
@@ -404,7 +400,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
     except OSError as e:
         raise (offline_error(llm, "--llm", e) if offline else e) from None
     ctx = add_special_tokens(tokenizer, language_model, shrink_embeddings=shrink_embeddings)
-    vit = from_pretrained(vision or DEFAULT_MODEL, dtype="fp32")
+    vit = from_checkpoint(vision or DEFAULT_MODEL, dtype="fp32")
     projector = ProjectorConfig(vit_hidden_size=vit.config.hidden_size,
                                 llm_hidden_size=language_model.config.hidden_size)
     return InternVLChatModel(vit, language_model, projector, img_context_token_id=ctx), tokenizer

@@ -24,6 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from internvit.preprocess import ImageLoadError, open_image
+from internvit.preprocess.tiling import choose_grid, tile_budget
+from internvit.preprocess.video import train_frames
 from internvit.registry import DEFAULT_MAX_TILES
 from internvit.train.data import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DatasetSpec, load_meta, media_count
 
@@ -54,9 +57,6 @@ def repeated_ngram_fraction(text: str, n: int = 10) -> float:
 
 def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_length: int, max_tiles: int,
                      num_image_token: int, repeat_threshold: float, max_num_frame: int = 32) -> list[str]:
-    from internvit.preprocess import ImageLoadError, open_image
-    from internvit.preprocess.tiling import choose_grid, tile_budget
-
     conv = sample.get("conversations")
     if not isinstance(conv, list) or not conv or not all(isinstance(t, dict) and "from" in t and "value" in t
                                                          for t in conv):
@@ -86,8 +86,6 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
             continue
         try:
             if rel == video:  # the most frames training can draw: max_num_frame, or all of a shorter GIF/folder
-                from internvit.preprocess.video import train_frames
-
                 frames, _ = train_frames(path, seed=0, min_num_frames=max_num_frame, max_num_frames=max_num_frame,
                                          sample="middle")
                 n_frames = len(frames)
