@@ -5,12 +5,16 @@ The references are written in the tests from the spec: attention as softmax(q k^
 the default ("auto") path against timm and transformers too.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 from helpers import random_official_state_dict, reference_forward
 
+import internvit
 from internvit import InternVisionModel
+from internvit.weights import init_checkpoint
 from internvit.model.vision import blocked_attention
 
 pytestmark = pytest.mark.unit
@@ -58,10 +62,26 @@ def test_every_attention_implementation_equals_the_spec(impl, dtype, tiny_config
         assert (cos > 0.999).all(), cos
 
 
-def test_auto_picks_blocked_for_bf16_on_cpu_and_sdpa_for_fp32(tiny_config):
-    attn = InternVisionModel(tiny_config).encoder.layers[0].attn
-    assert attn.implementation(torch.zeros(1, 2, 64)) == "sdpa"
-    assert attn.implementation(torch.zeros(1, 2, 64, dtype=torch.bfloat16)) == "blocked"
+def test_auto_picks_blocked_for_bf16_on_cpu_and_sdpa_for_fp32(tiny_config, tmp_path):
+    # chosen at construction, and again whenever the weights change dtype or device, or the mode changes
+    model = InternVisionModel(tiny_config)
+    attns = [layer.attn for layer in model.encoder.layers]
+    assert {a.implementation for a in attns} == {"sdpa"}
+    model.to(torch.bfloat16)
+    assert {a.implementation for a in attns} == {"blocked"}
+    model.float()
+    assert {a.implementation for a in attns} == {"sdpa"}
+    # loaded from a bf16 checkpoint on the meta device with assign=True, as from_pretrained does
+    init_checkpoint(tmp_path / "bf16", preset="tiny", dtype="bf16")
+    loaded = internvit.from_pretrained(tmp_path / "bf16")
+    assert {layer.attn.implementation for layer in loaded.encoder.layers} == {"blocked"}
+    # attention dropout in training needs SDPA's dropout; eval goes back to the blocked path
+    dropout = InternVisionModel(dataclasses.replace(tiny_config, attention_dropout=0.1)).to(torch.bfloat16)
+    assert dropout.train().encoder.layers[0].attn.implementation == "sdpa"
+    assert dropout.eval().encoder.layers[0].attn.implementation == "blocked"
+    # an explicit choice stays
+    eager = InternVisionModel(tiny_config, attn_implementation="eager").bfloat16()
+    assert eager.encoder.layers[0].attn.implementation == "eager"
 
 
 def test_cpu_inference_chunks_give_the_spec_outputs(tiny_config):

@@ -130,6 +130,10 @@ def blocked_attention(q_BHND: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.
     return out_BNHD
 
 
+def _choose_after_load(attention: Attention, incompatible_keys) -> None:
+    attention.choose_implementation()
+
+
 class Attention(nn.Module):
     def __init__(self, config: InternVisionConfig, attn_implementation: str = "auto") -> None:
         super().__init__()
@@ -148,15 +152,31 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(C, config.layer_norm_eps)
         self.proj = nn.Linear(C, C)
         self.proj_drop = nn.Dropout(config.dropout)
+        self.register_load_state_dict_post_hook(_choose_after_load)
+        self.choose_implementation()
 
-    def implementation(self, x: torch.Tensor) -> str:
-        """The one place the attention path is chosen. "auto": torch SDPA (flash kernels on GPU; the fastest
-        CPU path in fp32), except the blocked path for bf16/fp16 on CPU and for attention dropout in training."""
-        if self.attn_implementation != "auto":
-            return self.attn_implementation
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            return "blocked" if not (self.training and self.attention_dropout) else "sdpa"
-        return "sdpa"
+    def choose_implementation(self) -> str:
+        """The one place the attention path is chosen, into `self.implementation`: at construction, and again
+        when the weights change device or dtype (`.to()`, loading with `assign=True`) or the mode changes.
+        "auto": torch SDPA (flash kernels on GPU; the fastest CPU path in fp32), except the blocked path for
+        bf16/fp16 on CPU, unless attention dropout is active in training."""
+        w = self.qkv.weight
+        impl = self.attn_implementation
+        if impl == "auto":
+            blocked = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+            impl = "blocked" if blocked and not (self.training and self.attention_dropout) else "sdpa"
+        self.implementation = impl
+        return impl
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.choose_implementation()
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.choose_implementation()
+        return self
 
     def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
         B, N, C = x_BNC.shape
@@ -167,7 +187,7 @@ class Attention(nn.Module):
             qkv_BN3C = torch.stack([q_BNC, k_BNC, qkv_BN3C[:, :, 2]], dim=2)
         # Views, no copies: [3, B, H, N, D] over the qkv output.
         q_BHND, k_BHND, v_BHND = qkv_BN3C.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        impl = self.implementation(x_BNC)
+        impl = self.implementation
         dropout_p = self.attention_dropout if self.training else 0.0
         if impl == "sdpa":
             o_BNC = F.scaled_dot_product_attention(q_BHND, k_BHND, v_BHND, dropout_p=dropout_p)
