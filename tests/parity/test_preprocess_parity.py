@@ -28,8 +28,9 @@ ATOL = 1e-5
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "rocket_transposed", "camera"]
 # (width, height): degenerate, extreme aspect ratios both ways, and off-by-one around the 448 crop.
-# Tall strips stop short of MAX_RESIZE_PIXELS (1x3000 and 7x5000, beyond it, are refused: tests/unit).
-ODD_SIZES = [(1, 1), (1, 300), (3000, 1), (5000, 7), (7, 2000), (449, 448), (447, 1000)]
+# Tall strips stop short of MAX_RESIZE_PIXELS (1x3000 and 7x5000, beyond it, are refused: tests/unit). The widest
+# strip is 1000x1: transformers resizes it whole (448,000 x 448 px, 2.4 GB as float32); 3000x1 cost 6.6 GB.
+ODD_SIZES = [(1, 1), (1, 300), (1000, 1), (5000, 7), (7, 2000), (449, 448), (447, 1000)]
 
 
 def _photo(name: str) -> Image.Image:
