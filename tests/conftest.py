@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import official_config_300m, randomize_, save_safetensors, timm_to_official, write_official_checkpoint
+from PIL import Image
+from helpers import PHOTOS, official_config_300m, randomize_, save_safetensors, timm_to_official, write_official_checkpoint
 from torch import nn
 
 import internvit
+from internvit.weights import init_checkpoint
 
 
 # ---- seeding and threads ----------------------------------------------------------------------------
@@ -58,6 +60,46 @@ def tiny_config() -> internvit.InternVisionConfig:
 @pytest.fixture
 def randomize():
     return randomize_
+
+
+# ---- files the integration tests share: a tiny checkpoint, photographs, and bad files among them --------------
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint (fp32, seed 3) in the official layout; tests read it and never change it."""
+    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=3, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photographs: the four of PHOTOS as JPEG, and a grayscale PNG two folders down."""
+    skdata = pytest.importorskip("skimage.data")
+    root = tmp_path_factory.mktemp("photos")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for name in PHOTOS:
+        Image.fromarray(getattr(skdata, name)()).save(root / f"{name}.jpg", quality=92)
+    Image.fromarray(skdata.camera()).save(root / "nested" / "deeper" / "camera.png")
+    return root
+
+
+@pytest.fixture
+def messy_dir(photo_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of photo_dir plus every kind of bad file; returns the folder and the expected error fragment per bad
+    file (`missing.jpg` is not in the folder: a test names it to get the "no such file" row)."""
+    root = tmp_path / "messy"
+    for p in photo_dir.rglob("*.*"):
+        target = root / p.relative_to(photo_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is not a picture\n")
+    good = (root / "astronaut.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(root / "huge.png")  # over a --max-pixels of 1e6
+    (root / "README.md").write_text("not an image extension: skipped by the folder walk\n")
+    return root, {"empty.jpg": "empty", "notes.jpg": "not an image", "truncated.jpg": "truncated",
+                  "huge.png": "max_pixels", "missing.jpg": "no such file"}
 
 
 # ---- one random 300M, written once per module that uses it; its users build one model at a time ----------

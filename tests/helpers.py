@@ -98,6 +98,9 @@ def random_official_state_dict(config: internvit.InternVisionConfig, seed: int =
     return {k: random_tensor(k, s, g) for k, s in shapes.items()}
 
 
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's bundled photographs (no download)
+
+
 # ---- layout renames written from spec/peers.md (independent of internvit.weights) -------------------
 
 

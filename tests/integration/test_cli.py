@@ -7,6 +7,7 @@ here.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,12 +18,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from helpers import PHOTOS
 from PIL import Image
+from safetensors.torch import load_file
+
+from internvit import PRESETS
 
 pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "internvit.cli"]
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
@@ -32,41 +37,21 @@ def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProc
     return proc
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    run_cli("init", str(out), "--preset", "tiny", "--seed", "3", "--dtype", "fp32", check_rc=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    skdata = pytest.importorskip("skimage.data")
-    root = tmp_path_factory.mktemp("photos")
-    (root / "nested" / "deeper").mkdir(parents=True)
-    for name in PHOTOS:
-        Image.fromarray(getattr(skdata, name)()).save(root / f"{name}.jpg", quality=92)
-    Image.fromarray(skdata.camera()).save(root / "nested" / "deeper" / "camera.png")  # grayscale
-    return root
-
-
-@pytest.fixture()
-def messy_dir(photo_dir, tmp_path) -> tuple[Path, dict[str, str]]:
-    """Real photos plus every kind of bad file; returns the folder and the expected error fragment per bad file."""
-    root = tmp_path / "messy"
-    root.mkdir()
-    for p in photo_dir.rglob("*.*"):
-        target = root / p.relative_to(photo_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(p.read_bytes())
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "notes.jpg").write_text("this is not a picture\n")
-    good = (root / "astronaut.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(root / "huge.png")  # over --max-pixels below
-    (root / "README.md").write_text("not an image extension: skipped by the folder walk\n")
-    return root, {"empty.jpg": "empty", "notes.jpg": "not an image", "truncated.jpg": "truncated",
-                  "huge.png": "max_pixels", "missing.jpg": "no such file"}
+def test_init_writes_an_official_layout_checkpoint(tmp_path):
+    a, b, c = (tmp_path / name for name in "abc")
+    run_cli("init", str(a), "--preset", "tiny", "--seed", "3", "--dtype", "fp32", check_rc=0)
+    run_cli("init", str(b), "--preset", "tiny", "--seed", "3", "--dtype", "fp32", check_rc=0)
+    run_cli("init", str(c), "--preset", "tiny", "--seed", "4", check_rc=0)
+    assert sorted(p.name for p in a.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()  # the seed decides
+    config = json.loads((a / "config.json").read_text())
+    tiny = PRESETS["tiny"]
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (tiny.hidden_size, tiny.num_hidden_layers)
+    sa, sc = load_file(a / "model.safetensors"), load_file(c / "model.safetensors")
+    key = "embeddings.patch_embedding.weight"
+    assert sa[key].shape == (tiny.hidden_size, 3, tiny.patch_size, tiny.patch_size)
+    assert (sa[key].dtype, sc[key].dtype) == (torch.float32, torch.bfloat16)  # bf16 unless --dtype says otherwise
+    assert not torch.equal(sa[key].bfloat16(), sc[key])
 
 
 def test_extract_folder_with_broken_files(tiny_ckpt, messy_dir, tmp_path):

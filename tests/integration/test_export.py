@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import internvit
-from internvit.weights import init_checkpoint, save_pretrained
+from internvit.weights import save_pretrained
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -53,8 +53,8 @@ def smooth_images(folder: Path, n: int, *, seed: int = 0, sizes=((120, 90), (90,
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=5, dtype="fp32")
+def tiny(tiny_ckpt) -> Path:
+    return tiny_ckpt  # conftest's
 
 
 @pytest.fixture(scope="module")

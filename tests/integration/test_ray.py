@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+from helpers import PHOTOS  # noqa: E402
 from PIL import Image  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,6 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 CLI = [sys.executable, "-m", "internvit.cli"]
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +43,10 @@ def ray_address():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from internvit.weights import init_checkpoint
-
-    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=3, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    """Real photos (one grayscale, in a subfolder) and every kind of bad file."""
-    skdata = pytest.importorskip("skimage.data")
-    root = tmp_path_factory.mktemp("photos")
-    (root / "nested").mkdir()
-    for name in PHOTOS:
-        Image.fromarray(getattr(skdata, name)()).save(root / f"{name}.jpg", quality=92)
-    Image.fromarray(skdata.camera()).save(root / "nested" / "camera.png")
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "notes.jpg").write_text("this is not a picture\n")
-    good = (root / "astronaut.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(root / "huge.png")  # over max_pixels below
-    return root
+@pytest.fixture
+def photo_dir(messy_dir) -> Path:
+    """The photographs with every kind of bad file among them (conftest.messy_dir)."""
+    return messy_dir[0]
 
 
 def rows_by_path(table: pa.Table) -> dict[str, dict]:

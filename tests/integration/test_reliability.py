@@ -48,10 +48,8 @@ def one_line_error(err: str, command: str = "extract") -> str:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from internvit.weights import init_checkpoint
-
-    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=3, dtype="fp32")
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt  # conftest's
 
 
 @pytest.fixture()
@@ -195,6 +193,18 @@ def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
     assert len(got) == 5 and "a FIFO, not a regular file" in got[str(photos / "pipe.jpg")]
     assert sum(e is None for e in got.values()) == 4
     assert "pipe.jpg: a FIFO" in err  # failed inputs are listed on the terminal
+
+
+def test_extract_gives_sigchld_back(ckpt, photos, tmp_path):
+    # torch's DataLoader leaves its Python SIGCHLD handler installed; with OpenVINO or onnxruntime threads in the
+    # process, the exit of a later subprocess then crashed it (SIGSEGV; this file followed by test_export.py)
+    from internvit.extract import extract_features
+
+    before = signal.getsignal(signal.SIGCHLD)
+    for name in ("a", "b"):  # the second run's loader installs torch's handler again, and gives it back again
+        s = extract_features([photos], tmp_path / f"{name}.parquet", model=str(ckpt), num_workers=1, progress=False)
+        assert s.processed == 4 and s.failed == 0
+        assert signal.getsignal(signal.SIGCHLD) == before
 
 
 def test_list_file_with_bom(ckpt, photos, tmp_path):

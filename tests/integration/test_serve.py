@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
-import os
 import signal
 import socket
 import subprocess
@@ -67,10 +65,8 @@ def data_url(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from internvit.weights import init_checkpoint
-
-    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=5, dtype="fp32")
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt  # conftest's
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ META = {"model": "test-model", "dtype": "float32", "tiles": "none", "max_tiles":
 def write_features(path, paths, cls, *, errors=(), meta=META, mean=None):
     """A feature file as `extract` writes it; `errors` adds rows with an error and null features."""
     C = cls.shape[1]
-    vec = pa.list_(pa.float32(), C)
     n_err = len(errors)
     valid = np.r_[np.ones(len(paths), bool), np.zeros(n_err, bool)]
     flat_cls = np.concatenate([cls, np.zeros((n_err, C), np.float32)]).astype(np.float32).reshape(-1)

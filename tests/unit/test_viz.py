@@ -10,14 +10,8 @@ from PIL import Image
 
 from internvit.viz import encode_for_viz, pca_components, viz
 from internvit import from_pretrained
-from internvit.weights import init_checkpoint
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=1, dtype="fp32")
 
 
 def two_colours(path, size=(112, 56), split=42):

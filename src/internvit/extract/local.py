@@ -9,7 +9,10 @@ run (`store.output_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from internvit.extract.core import (
     options_from,
     output_schema,
 )
-from internvit.sources import expand_sources
 from internvit.extract.store import FeatureStore, output_lock
+from internvit.sources import expand_sources
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -87,12 +90,13 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
             bar = tqdm(total=len(todo), unit="input", desc="extract", dynamic_ncols=True)
         failed_now = 0
         try:
-            for items in loader:
-                store.add(encoder(items))
-                failed_now += sum(item.error is not None for item in items)
-                if bar is not None:
-                    bar.update(len(items))
-                    bar.set_postfix(failed=failed_now)
+            with _restore_sigchld(num_workers > 0):
+                for items in loader:
+                    store.add(encoder(items))
+                    failed_now += sum(item.error is not None for item in items)
+                    if bar is not None:
+                        bar.update(len(items))
+                        bar.set_postfix(failed=failed_now)
         finally:
             if bar is not None:
                 bar.close()
@@ -100,3 +104,27 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         return ExtractSummary(store.out, len(paths), len(paths) - len(todo), len(todo), store.failed(),
                               time.perf_counter() - start, load_seconds, encoder.seconds, encoder.tiles,
                               loaded.backend, loaded.precision)
+
+
+@contextlib.contextmanager
+def _restore_sigchld(workers: bool):
+    """Give SIGCHLD back its handler when the loader's workers are done.
+
+    A DataLoader with workers installs a Python SIGCHLD handler (to notice a dead worker) and leaves it for the
+    life of the process. Python's handlers interrupt system calls in every thread (no SA_RESTART); in a process that
+    later runs OpenVINO or onnxruntime, each exiting child process (any `subprocess.run`) then interrupts their
+    threads, and the process died of SIGSEGV (reproduced: pytest running test_reliability.py, then test_export.py).
+    torch's flag is reset so that the next loader with workers installs its handler again.
+    """
+    if not workers or not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from torch.utils.data._utils import signal_handling
+
+    previous, was_set = signal.getsignal(signal.SIGCHLD), signal_handling._SIGCHLD_handler_set
+    try:
+        yield
+    finally:
+        if not was_set:  # ours to undo (a handler from an earlier loader of the caller's stays)
+            signal.signal(signal.SIGCHLD, previous)
+            signal_handling._SIGCHLD_handler_set = False
