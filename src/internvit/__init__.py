@@ -42,3 +42,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'internvit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})  # tab completion lists the names loaded on first use
