@@ -1,12 +1,12 @@
 """int8 fidelity and speed of the 300M with outlier channels: the shipped recipe against NNCF as it comes and plain
 per-tensor int8.
 
-In one run: a random 300M checkpoint whose every linear layer reads a few channels 50-100x the rest (injected as in
-tests/integration/test_export.py: LayerNorm weight and bias x s, the next linear's input columns / s, so the fp32
-function is unchanged), exported to ONNX once; each recipe quantizes that graph with NNCF on the same calibration
-tiles (scikit-image photographs through the dynamic tiling), then runs on the same held-out tiles; the fidelity
-report (`internvit.export.compare`) is against the fp32 torch model on those tiles, and each model's speed at
-batch 1 against torch bf16, interleaved in this process.
+In one run: a random 300M checkpoint whose every linear layer reads a few channels 50-100x the rest
+(`inject_outlier_channels`, also used by the int8 tests: LayerNorm weight and bias x s, the next linear's input
+columns / s, so the fp32 function is unchanged), exported to ONNX once; each recipe quantizes that graph with NNCF
+on the same calibration tiles (scikit-image photographs through the dynamic tiling), then runs on the same
+held-out tiles; the fidelity report (`internvit.export.compare`) is against the fp32 torch model on those tiles,
+and each model's speed at batch 1 against torch bf16, interleaved in this process.
 Writes benchmarks/results/int8_<cpu>_<date>.{json,md}.
 
     python benchmarks/bench_int8.py [--calibration-size 8] [--heldout 12] [--rounds 2]
@@ -25,7 +25,13 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def inject_outlier_channels(sd, num_layers: int, *, channels: int = 3, seed: int = 0):
-    """The injection of tests/integration/test_export.py (kept apart: benchmarks do not import tests)."""
+    """A few channels 50-100x the rest in the normalized residual stream that every linear layer reads.
+
+    The LayerNorm weight and bias of `channels` channels are scaled by s in [50, 100] and the matching input
+    columns of qkv / fc1 by 1/s: the fp32 function is unchanged, but the activations quantized at those inputs
+    have the outlier channels of real ViTs (Sun et al. 2024's massive activations; Bondarenko et al. 2021).
+    Also the input of the int8 tests (tests/integration/test_export.py, through tests/helpers.py).
+    """
     import torch
 
     sd = {k: v.clone() for k, v in sd.items()}

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from helpers import PHOTOS, official_config_300m, randomize_, save_safetensors, timm_to_official, write_official_checkpoint
+from helpers import (
+    PHOTOS,
+    assign_weights,
+    official_config_300m,
+    randomize_,
+    save_safetensors,
+    timm_to_official,
+    write_official_checkpoint,
+)
 from torch import nn
 
 import internvit
@@ -125,9 +133,7 @@ class Random300M:
 
         with torch.device("meta"):
             model = timm.create_model("vit_intern300m_patch14_448", pretrained=False)
-        model.load_state_dict(self.timm_state_dict(dtype), strict=True, assign=True)
-        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-        return model.eval()
+        return assign_weights(model, self.timm_state_dict(dtype))
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,10 @@ def _load_example(path: Path):
 
 
 # The worked example's tiny Qwen2 + BPE tokenizer builder (examples/train/make_tiny_llm.py), not shipped in the package.
-build_tiny_llm = _load_example(Path(__file__).parents[1] / "examples" / "train" / "make_tiny_llm.py").build_tiny_llm
+ROOT = Path(__file__).parents[1]
+build_tiny_llm = _load_example(ROOT / "examples" / "train" / "make_tiny_llm.py").build_tiny_llm
+# The outlier-channel injection of the int8 benchmark, which the int8 tests reuse (benchmarks import no tests).
+inject_outlier_channels = _load_example(ROOT / "benchmarks" / "bench_int8.py").inject_outlier_channels
 
 
 # ---- random weights ---------------------------------------------------------------------------------
@@ -99,6 +102,13 @@ def random_official_state_dict(config: internvit.InternVisionConfig, seed: int =
 
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's bundled photographs (no download)
+
+
+def assign_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """A model built on the meta device, given these tensors as its own (strict, no second copy), in eval mode."""
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    return model.eval()
 
 
 # ---- layout renames written from spec/peers.md (independent of internvit.weights) -------------------

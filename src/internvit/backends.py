@@ -27,15 +27,13 @@ from internvit.checkpoint import CONFIG_NAME, parse_dtype, resolve
 from internvit.config import InternVisionConfig
 from internvit.export import export, parse_layers, versions
 from internvit.model.vision import InternVisionModel
-from internvit.runtime import (  # noqa: F401 - ExportedEncoder & co. re-exported: the backends' public surface
+from internvit.runtime import (
     BACKENDS,
     EXTRAS,
     MANIFEST_NAME,
     MODULES,
     ExportedEncoder,
-    ExportedHiddenStates,
     ExportError,
-    LayerNotExportedError,
     cache_root,
     is_export,
     require,

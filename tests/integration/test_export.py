@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import inject_outlier_channels
 from PIL import Image
 
 import internvit
@@ -53,33 +54,28 @@ def smooth_images(folder: Path, n: int, *, seed: int = 0, sizes=((120, 90), (90,
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_ckpt) -> Path:
-    return tiny_ckpt  # conftest's
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return smooth_images(tmp_path_factory.mktemp("images"), 12)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
-    return internvit.from_pretrained(tiny, dtype="fp32", backend="torch")
+def reference(tiny_ckpt):
+    return internvit.from_pretrained(tiny_ckpt, dtype="fp32", backend="torch")
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny, tmp_path_factory) -> Path:
+def onnx_dir(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "onnx"
-    proc = run_cli("export", str(tiny), str(out), "--format", "onnx", "--layers", "1")
+    proc = run_cli("export", str(tiny_ckpt), str(out), "--format", "onnx", "--layers", "1")
     assert proc.returncode == 0, proc.stderr
     return out
 
 
 @pytest.fixture(scope="module")
-def ov_dir(tiny, tmp_path_factory) -> Path:
+def ov_dir(tiny_ckpt, tmp_path_factory) -> Path:
     from internvit.export import export
 
-    return export(tiny, tmp_path_factory.mktemp("exports") / "ov", format="openvino", layers=[0, 1]).path
+    return export(tiny_ckpt, tmp_path_factory.mktemp("exports") / "ov", format="openvino", layers=[0, 1]).path
 
 
 def tiles(n: int, seed: int = 0) -> torch.Tensor:
@@ -89,7 +85,7 @@ def tiles(n: int, seed: int = 0) -> torch.Tensor:
 # ---- the export folder ------------------------------------------------------------------------------------
 
 
-def test_onnx_export_folder_and_parity(onnx_dir, reference, tiny):
+def test_onnx_export_folder_and_parity(onnx_dir, reference, tiny_ckpt):
     names = sorted(p.name for p in onnx_dir.iterdir())
     assert {"model.onnx", "config.json", "preprocessor_config.json", "internvit_export.json"} <= set(names)
     m = json.loads((onnx_dir / "internvit_export.json").read_text())
@@ -156,10 +152,10 @@ def test_openvino_bf16_and_precision_of_the_graph(ov_dir, onnx_dir, reference):
         internvit.from_pretrained(ov_dir, backend="onnxruntime")
 
 
-def test_export_bf16_ir_validates_by_cosine(tiny, tmp_path, reference):
+def test_export_bf16_ir_validates_by_cosine(tiny_ckpt, tmp_path, reference):
     from internvit.export import export
 
-    r = export(tiny, tmp_path / "bf16", format="openvino", precision="bf16", batch="2")
+    r = export(tiny_ckpt, tmp_path / "bf16", format="openvino", precision="bf16", batch="2")
     m = r.manifest
     assert m["precision"] == "bf16" and m["batch"] == 2
     assert m["validation"]["cls_cosine"]["min"] >= 0.999
@@ -173,7 +169,7 @@ def test_export_bf16_ir_validates_by_cosine(tiny, tmp_path, reference):
     assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).min() >= 0.999
 
 
-def test_export_refuses(tiny, tmp_path, monkeypatch, capsys):
+def test_export_refuses(tiny_ckpt, tmp_path, monkeypatch, capsys):
     import internvit.export as ex
     from internvit.cli import main
 
@@ -183,7 +179,7 @@ def test_export_refuses(tiny, tmp_path, monkeypatch, capsys):
         (("--format", "openvino", "--batch", "zero"), "--batch 'zero'"),
         (("--format", "openvino", "--layers", "7"), "out of range"),
     ]:
-        assert main(["export", str(tiny), str(tmp_path / "x"), *args]) == 2
+        assert main(["export", str(tiny_ckpt), str(tmp_path / "x"), *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error in one line
         assert lines[-1].startswith("internvit export: error:") and message in lines[-1], lines
         assert not any("Traceback" in line for line in lines)
@@ -191,22 +187,22 @@ def test_export_refuses(tiny, tmp_path, monkeypatch, capsys):
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        ex.export(tiny, busy, format="onnx")
+        ex.export(tiny_ckpt, busy, format="onnx")
     # Validation can fail: with a zero tolerance the exported model is refused and nothing is written.
     monkeypatch.setattr(ex, "FP32_MAX_ABS", 0.0)
     with pytest.raises(ex.ExportError, match="not written: the exported model is outside its tolerance"):
-        ex.export(tiny, tmp_path / "refused", format="openvino")
+        ex.export(tiny_ckpt, tmp_path / "refused", format="openvino")
     assert [p.name for p in (tmp_path / "refused").iterdir()] == []
 
 
 # ---- from_pretrained(backend=...) on an ordinary checkpoint: the cache ----------------------------------------
 
 
-def test_openvino_backend_exports_once_and_caches(tiny, tmp_path, monkeypatch, reference):
+def test_openvino_backend_exports_once_and_caches(tiny_ckpt, tmp_path, monkeypatch, reference):
     import internvit.backends
 
     monkeypatch.setenv("INTERNVIT_CACHE", str(tmp_path / "cache"))
-    enc = internvit.from_pretrained(tiny, backend="openvino", dtype="fp32", layers=(1,))
+    enc = internvit.from_pretrained(tiny_ckpt, backend="openvino", dtype="fp32", layers=(1,))
     exports = list((tmp_path / "cache" / "exports").iterdir())
     folders = [p for p in exports if p.is_dir()]
     assert len(folders) == 1 and folders[0].name.startswith(reference.checkpoint.fingerprint().split(":")[1])
@@ -223,7 +219,7 @@ def test_openvino_backend_exports_once_and_caches(tiny, tmp_path, monkeypatch, r
         raise AssertionError("exported again")
 
     monkeypatch.setattr(internvit.backends, "export", no_export)
-    again = internvit.from_pretrained(tiny, backend="openvino")  # cached; bf16 by default
+    again = internvit.from_pretrained(tiny_ckpt, backend="openvino")  # cached; bf16 by default
     assert again.precision == "bf16" and again.folder == enc.folder
     with pytest.raises(AssertionError, match="exported again"):  # other weights: another key
         other = tmp_path / "other"
@@ -235,14 +231,14 @@ def test_openvino_backend_exports_once_and_caches(tiny, tmp_path, monkeypatch, r
 # ---- extract --backend -------------------------------------------------------------------------------------
 
 
-def test_extract_backends_agree_and_never_mix(tiny, images, tmp_path, monkeypatch):
+def test_extract_backends_agree_and_never_mix(tiny_ckpt, images, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     from internvit.extract import extract_features
     from internvit.extract.store import OutputMismatchError
 
     monkeypatch.setenv("INTERNVIT_CACHE", str(tmp_path / "cache"))
-    common = dict(model=str(tiny), dtype="fp32", tiles="dynamic", max_tiles=4, num_workers=0, progress=False,
+    common = dict(model=str(tiny_ckpt), dtype="fp32", tiles="dynamic", max_tiles=4, num_workers=0, progress=False,
                   layers=(1,), patch_tokens=True)
     tables = {}
     for backend in ("torch", "openvino", "onnxruntime"):
@@ -276,26 +272,6 @@ def test_extract_cli_backend_and_missing_layer(onnx_dir, images, tmp_path):
 
 
 # ---- int8 ------------------------------------------------------------------------------------------------------
-
-
-def inject_outlier_channels(sd: dict[str, torch.Tensor], num_layers: int, *, channels: int = 3, seed: int = 0):
-    """A few channels 50-100x the rest in the normalized residual stream that every linear layer reads.
-
-    The LayerNorm weight and bias of `channels` channels are scaled by s in [50, 100] and the matching input
-    columns of qkv / fc1 by 1/s: the fp32 function is unchanged, but the activations quantized at those inputs
-    have the outlier channels of real ViTs (Sun et al. 2024's massive activations; Bondarenko et al. 2021).
-    """
-    sd = {k: v.clone() for k, v in sd.items()}
-    g = torch.Generator().manual_seed(seed)
-    C = sd["encoder.layers.0.norm1.weight"].shape[0]
-    for i in range(num_layers):
-        idx = torch.randperm(C, generator=g)[:channels]
-        scale = 50 + 50 * torch.rand(channels, generator=g)
-        for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
-            sd[f"encoder.layers.{i}.{norm}.weight"][idx] *= scale
-            sd[f"encoder.layers.{i}.{norm}.bias"][idx] *= scale
-            sd[f"encoder.layers.{i}.{linear}.weight"][:, idx] /= scale
-    return sd
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,6 @@ def one_line_error(err: str, command: str = "extract") -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_ckpt) -> Path:
-    return tiny_ckpt  # conftest's
-
-
 @pytest.fixture()
 def photos(tmp_path) -> Path:
     root = tmp_path / "photos"
@@ -70,7 +65,7 @@ def rows(out: Path) -> dict[str, str | None]:
 # ---- 1. bounded memory per input ------------------------------------------------------------------------
 
 
-def test_elongated_png_is_an_error_row_in_bounded_memory(ckpt, tmp_path):
+def test_elongated_png_is_an_error_row_in_bounded_memory(tiny_ckpt, tmp_path):
     """A 1x20000 PNG (a few hundred bytes) asked the CLIP resize for a 448 x 8,960,000 image (12 GB)."""
     strip = tmp_path / "in" / "strip.png"
     strip.parent.mkdir()
@@ -79,8 +74,9 @@ def test_elongated_png_is_an_error_row_in_bounded_memory(ckpt, tmp_path):
     out = tmp_path / "f.parquet"
     code = ("import resource, sys; from internvit.cli import main; rc = main(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, "extract", str(strip), "--out", str(out), "--model", str(ckpt),
-                           "--dtype", "fp32", "--workers", "0", "--quiet"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, "extract", str(strip), "--out", str(out),
+                           "--model", str(tiny_ckpt), "--dtype", "fp32", "--workers", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     peak_mb = int(proc.stdout.split()[-1]) / 1024
     print(f"[bounded memory] 1x20000 PNG, --tiles none: peak RSS {peak_mb:.0f} MB")
@@ -88,8 +84,8 @@ def test_elongated_png_is_an_error_row_in_bounded_memory(ckpt, tmp_path):
     error = rows(out)[str(strip)]
     assert "too elongated" in error and "--tiles dynamic" in error
     # The suggested way works: dynamic tiles resize to the grid (12 tiles at most), not to the shortest side.
-    rc = cli_main(["extract", str(strip), "--out", str(tmp_path / "d.parquet"), "--model", str(ckpt), "--dtype", "fp32",
-                   "--workers", "0", "--quiet", "--tiles", "dynamic"])
+    rc = cli_main(["extract", str(strip), "--out", str(tmp_path / "d.parquet"), "--model", str(tiny_ckpt),
+                   "--dtype", "fp32", "--workers", "0", "--quiet", "--tiles", "dynamic"])
     assert rc == 0
 
 
@@ -117,18 +113,18 @@ def many_images(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
-def test_second_run_on_the_same_output_refuses_and_nothing_is_lost(ckpt, tmp_path, capsys):
+def test_second_run_on_the_same_output_refuses_and_nothing_is_lost(tiny_ckpt, tmp_path, capsys):
     src = many_images(tmp_path / "many", 40, seed=1)
     out = tmp_path / "f.parquet"
     lock = tmp_path / "f.parquet.lock"
-    first = subprocess.Popen(CLI + ["extract", str(src), "--out", str(out), "--model", str(ckpt), "--dtype", "fp32",
-                                    "--workers", "0", "--batch-size", "1", "--quiet"],
+    first = subprocess.Popen(CLI + ["extract", str(src), "--out", str(out), "--model", str(tiny_ckpt),
+                                    "--dtype", "fp32", "--workers", "0", "--batch-size", "1", "--quiet"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.01)
-        rc, err = run_main(capsys, "extract", str(src), "--out", str(out), "--model", str(ckpt), "--quiet")
+        rc, err = run_main(capsys, "extract", str(src), "--out", str(out), "--model", str(tiny_ckpt), "--quiet")
         assert first.poll() is None, "the first run ended before the second tried: make it longer"
     finally:
         _, first_err = first.communicate(timeout=300)
@@ -140,7 +136,7 @@ def test_second_run_on_the_same_output_refuses_and_nothing_is_lost(ckpt, tmp_pat
     assert not lock.exists()
 
 
-def test_lock_of_a_killed_run_does_not_block(ckpt, photos, tmp_path):
+def test_lock_of_a_killed_run_does_not_block(tiny_ckpt, photos, tmp_path):
     """flock dies with its process: after kill -9 the lock file may stay, but the next run takes it."""
     out = tmp_path / "f.parquet"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from internvit.extract.store import output_lock\n"
@@ -155,24 +151,25 @@ def test_lock_of_a_killed_run_does_not_block(ckpt, photos, tmp_path):
     holder.kill()
     holder.wait()
     assert (tmp_path / "f.parquet.lock").exists()
-    assert cli_main(["extract", str(photos), "--out", str(out), "--model", str(ckpt), "--workers", "0", "--quiet"]) == 0
+    args = ["extract", str(photos), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "0", "--quiet"]
+    assert cli_main(args) == 0
     assert len(rows(out)) == 4
 
 
-def test_ray_engine_locks_its_shard_folder(ckpt, photos, tmp_path):
+def test_ray_engine_locks_its_shard_folder(tiny_ckpt, photos, tmp_path):
     pytest.importorskip("ray")
     from internvit.extract.ray import extract_features_ray
     from internvit.extract.store import OutputLockedError, output_lock
 
     with output_lock(tmp_path / "shards"):  # refused before Ray starts
         with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
-            extract_features_ray([photos], str(tmp_path / "shards") + "/", model=str(ckpt))
+            extract_features_ray([photos], str(tmp_path / "shards") + "/", model=str(tiny_ckpt))
 
 
 # ---- 3. sources that cannot hang ------------------------------------------------------------------------
 
 
-def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
+def test_fifo_and_symlink_loops(tiny_ckpt, photos, tmp_path, capsys):
     from internvit.sources import expand_sources
 
     os.mkfifo(photos / "pipe.jpg")
@@ -186,7 +183,7 @@ def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
         names == ["p0.png", "p1.png", "p2.png", "p3.png", "pipe.jpg"]
     assert len(paths) == 5
     out = tmp_path / "f.parquet"
-    rc, err = run_main(capsys, "extract", str(photos), "--out", str(out), "--model", str(ckpt), "--workers", "1",
+    rc, err = run_main(capsys, "extract", str(photos), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "1",
                        "--quiet")
     assert rc == 1
     got = rows(out)
@@ -195,19 +192,20 @@ def test_fifo_and_symlink_loops(ckpt, photos, tmp_path, capsys):
     assert "pipe.jpg: a FIFO" in err  # failed inputs are listed on the terminal
 
 
-def test_extract_gives_sigchld_back(ckpt, photos, tmp_path):
+def test_extract_gives_sigchld_back(tiny_ckpt, photos, tmp_path):
     # torch's DataLoader leaves its Python SIGCHLD handler installed; with OpenVINO or onnxruntime threads in the
     # process, the exit of a later subprocess then crashed it (SIGSEGV; this file followed by test_export.py)
     from internvit.extract import extract_features
 
     before = signal.getsignal(signal.SIGCHLD)
     for name in ("a", "b"):  # the second run's loader installs torch's handler again, and gives it back again
-        s = extract_features([photos], tmp_path / f"{name}.parquet", model=str(ckpt), num_workers=1, progress=False)
+        s = extract_features([photos], tmp_path / f"{name}.parquet", model=str(tiny_ckpt), num_workers=1,
+                             progress=False)
         assert s.processed == 4 and s.failed == 0
         assert signal.getsignal(signal.SIGCHLD) == before
 
 
-def test_list_file_with_bom(ckpt, photos, tmp_path):
+def test_list_file_with_bom(tiny_ckpt, photos, tmp_path):
     from internvit.sources import expand_sources
 
     listing = tmp_path / "list.txt"
@@ -271,11 +269,11 @@ def test_nan_weights_give_error_rows(photos, tmp_path, capsys):
     assert "non-finite features" in err
 
 
-def bad_config(tmp_path: Path, ckpt: Path) -> Path:
+def bad_config(tmp_path: Path, tiny_ckpt: Path) -> Path:
     folder = tmp_path / "bad"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
-    config = json.loads((ckpt / "config.json").read_text())
+    (folder / "model.safetensors").write_bytes((tiny_ckpt / "model.safetensors").read_bytes())
+    config = json.loads((tiny_ckpt / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
     return folder
 
@@ -285,13 +283,13 @@ def bad_config(tmp_path: Path, ckpt: Path) -> Path:
     ("empty", "nothing-here' (a folder with no image or video files)"), ("glob", "(a pattern that matches no file)"),
     ("out-dir", "is a folder"), ("layers", "layer 7 is out of range"),
 ])
-def test_cannot_run_is_one_line_and_exit_2(case, expected, ckpt, photos, tmp_path, capsys):
+def test_cannot_run_is_one_line_and_exit_2(case, expected, tiny_ckpt, photos, tmp_path, capsys):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "nothing-here").mkdir()
     out = tmp_path / "f.parquet"
     sources = {"empty": str(tmp_path / "nothing-here"), "glob": str(tmp_path / "*.webp")}.get(case, str(photos))
-    model = bad_config(tmp_path, ckpt) if case == "heads0" else ckpt
+    model = bad_config(tmp_path, tiny_ckpt) if case == "heads0" else tiny_ckpt
     extra = {"cuda": ["--device", "cuda"], "layers": ["--layers", "7"]}.get(case, [])
     rc, err = run_main(capsys, "extract", sources, "--model", str(model), "--quiet", "--workers", "0",
                        "--out", str(tmp_path if case == "out-dir" else out), *extra)
@@ -305,19 +303,19 @@ def test_max_tiles_beyond_the_limit_is_refused_by_the_parser(capsys):
     assert e.value.code == 2 and "at most 128 tiles" in capsys.readouterr().err
 
 
-def test_debug_shows_the_traceback(ckpt, tmp_path, capsys):
-    rc = cli_main(["--debug", "extract", str(tmp_path), "--model", str(bad_config(tmp_path, ckpt)),
+def test_debug_shows_the_traceback(tiny_ckpt, tmp_path, capsys):
+    rc = cli_main(["--debug", "extract", str(tmp_path), "--model", str(bad_config(tmp_path, tiny_ckpt)),
                    "--out", str(tmp_path / "f.parquet")])
     assert rc == 2 and "Traceback" in capsys.readouterr().err
 
 
-def test_failed_inputs_are_listed(ckpt, tmp_path, capsys):
+def test_failed_inputs_are_listed(tiny_ckpt, tmp_path, capsys):
     src = tmp_path / "bad"
     src.mkdir()
     for i in range(12):
         (src / f"broken{i:02d}.jpg").write_text("not a picture")
     out = tmp_path / "f.parquet"
-    rc, err = run_main(capsys, "extract", str(src), "--out", str(out), "--model", str(ckpt), "--workers", "0",
+    rc, err = run_main(capsys, "extract", str(src), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "0",
                        "--quiet")
     assert rc == 1
     listed = [line for line in err.splitlines() if "broken" in line and "not an image" in line]
@@ -359,15 +357,15 @@ def silent_endpoint():
 
 
 @pytest.mark.parametrize("what", ["model", "projector", "llm"])
-def test_unreachable_hub_fails_fast(what, ckpt, photos, tmp_path, silent_endpoint):
+def test_unreachable_hub_fails_fast(what, tiny_ckpt, photos, tmp_path, silent_endpoint):
     env = {"HF_ENDPOINT": silent_endpoint, "HF_HOME": str(tmp_path / "hf")}
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "HF_HUB_OFFLINE"}
     extract = ["extract", str(photos), "--out", str(tmp_path / "f.parquet"), "--quiet", "--workers", "0"]
     args = {
         "model": extract + ["--model", "OpenGVLab/InternViT-300M-448px-V2_5"],
-        "projector": extract + ["--model", str(ckpt), "--projector", "OpenGVLab/InternVL2_5-1B"],
+        "projector": extract + ["--model", str(tiny_ckpt), "--projector", "OpenGVLab/InternVL2_5-1B"],
         "llm": ["train", "--stage", "1", "--meta", str(Path(__file__).parents[2] / "examples/train/meta.json"),
-                "--llm", "Qwen/Qwen2.5-0.5B-Instruct", "--vision", str(ckpt), "--out", str(tmp_path / "run")],
+                "--llm", "Qwen/Qwen2.5-0.5B-Instruct", "--vision", str(tiny_ckpt), "--out", str(tmp_path / "run")],
     }[what]
     start = time.monotonic()
     proc = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120, env=env)
@@ -382,24 +380,24 @@ def test_unreachable_hub_fails_fast(what, ckpt, photos, tmp_path, silent_endpoin
 # ---- 7. checkpoints -------------------------------------------------------------------------------------
 
 
-def test_init_and_convert_refuse_a_non_empty_folder_and_leave_nothing_stale(ckpt, tmp_path, capsys):
+def test_init_and_convert_refuse_a_non_empty_folder_and_leave_nothing_stale(tiny_ckpt, tmp_path, capsys):
     import internvit
     from internvit.weights import CheckpointError, init_checkpoint
 
     target = tmp_path / "target"
     rc, err = run_main(capsys, "init", str(target), "--preset", "tiny")
     assert rc == 0
-    for command in (["init", str(target), "--preset", "tiny"], ["convert", str(ckpt), str(target)]):
+    for command in (["init", str(target), "--preset", "tiny"], ["convert", str(tiny_ckpt), str(target)]):
         rc, err = run_main(capsys, *command)
         assert rc == 2 and "--overwrite" in one_line_error(err, command[0])
     # A stale sharded checkpoint in the folder used to win over the new model.safetensors.
     (target / "model.safetensors").rename(target / "old-00001-of-00001.safetensors")
     index = {"weight_map": {k: "old-00001-of-00001.safetensors" for k in ["embeddings.class_embedding"]}}
     (target / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert run_main(capsys, "convert", str(ckpt), str(target), "--overwrite")[0] == 0
+    assert run_main(capsys, "convert", str(tiny_ckpt), str(target), "--overwrite")[0] == 0
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors",
                                                          "preprocessor_config.json"]
-    ref = internvit.from_pretrained(ckpt)
+    ref = internvit.from_pretrained(tiny_ckpt)
     got = internvit.from_pretrained(target)
     for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), k
@@ -431,12 +429,12 @@ def test_config_values_are_validated_before_building(field, value):
 # ---- 8. the smaller items -------------------------------------------------------------------------------
 
 
-def test_truncated_part_file_gives_advice(ckpt, photos, tmp_path, capsys):
+def test_truncated_part_file_gives_advice(tiny_ckpt, photos, tmp_path, capsys):
     out = tmp_path / "f.parquet"
     parts = tmp_path / "f.parquet.parts"
     parts.mkdir()
     (parts / "part-00000001.parquet").write_bytes(b"PAR1" + b"\0" * 100)
-    rc, err = run_main(capsys, "extract", str(photos), "--out", str(out), "--model", str(ckpt), "--workers", "0",
+    rc, err = run_main(capsys, "extract", str(photos), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "0",
                        "--quiet")
     assert rc == 2 and "move it away" in one_line_error(err)
 
@@ -460,10 +458,10 @@ def test_version_and_negative_workers(capsys):
     assert e.value.code == 2 and "expected 0 or a positive integer, got -1" in capsys.readouterr().err
 
 
-def test_sigterm_saves_finished_rows(ckpt, tmp_path):
+def test_sigterm_saves_finished_rows(tiny_ckpt, tmp_path):
     src = many_images(tmp_path / "many", 120, seed=2)
     out = tmp_path / "f.parquet"
-    args = ["extract", str(src), "--out", str(out), "--model", str(ckpt), "--dtype", "fp32", "--workers", "0",
+    args = ["extract", str(src), "--out", str(out), "--model", str(tiny_ckpt), "--dtype", "fp32", "--workers", "0",
             "--batch-size", "1", "--flush-seconds", "1000"]  # nothing would be flushed before the end
     proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     seen, done = "", 0
@@ -479,7 +477,7 @@ def test_sigterm_saves_finished_rows(ckpt, tmp_path):
     assert "terminated; finished rows are saved" in err
     saved = len(rows(out))
     assert 5 <= saved < 120
-    assert cli_main(["extract", str(src), "--out", str(out), "--model", str(ckpt), "--dtype", "fp32",
+    assert cli_main(["extract", str(src), "--out", str(out), "--model", str(tiny_ckpt), "--dtype", "fp32",
                      "--workers", "0", "--quiet"]) == 0
     table = pq.read_table(out, columns=["path"])
     assert table.num_rows == 120 and len(set(table.column("path").to_pylist())) == 120

@@ -65,11 +65,6 @@ def data_url(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_ckpt) -> Path:
-    return tiny_ckpt  # conftest's
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(7)
@@ -83,12 +78,12 @@ def photos(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt, photos, tmp_path_factory) -> pa.Table:
+def reference(tiny_ckpt, photos, tmp_path_factory) -> pa.Table:
     """`internvit extract` rows for the photos, in their order, with layer 1 and the patch tokens."""
     from internvit.cli import main
 
     out = tmp_path_factory.mktemp("ref") / "f.parquet"
-    assert main(["extract", *map(str, photos), "--out", str(out), "--model", str(ckpt), "--dtype", "fp32",
+    assert main(["extract", *map(str, photos), "--out", str(out), "--model", str(tiny_ckpt), "--dtype", "fp32",
                  "--workers", "0", "--quiet", "--layers", "1", "--patch-tokens"]) == 0
     table = pq.read_table(out)
     order = {p: i for i, p in enumerate(table.column("path").to_pylist())}
@@ -99,10 +94,10 @@ def ref_cls(reference: pa.Table, i: int) -> np.ndarray:
     return np.asarray(reference.column("cls")[i].as_py(), np.float32)
 
 
-def test_openai_client_equals_extract(ckpt, photos, reference):
+def test_openai_client_equals_extract(tiny_ckpt, photos, reference):
     import openai
 
-    with server(ckpt) as (url, _):
+    with server(tiny_ckpt) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         got = client.embeddings.create(model="internvit", input=[data_url(p) for p in photos])
         assert [d.index for d in got.data] == [0, 1, 2, 3] and got.object == "list"
@@ -132,8 +127,8 @@ def test_openai_client_equals_extract(ckpt, photos, reference):
                                                              reference.column("map_width")[i].as_py())
 
 
-def test_concurrent_requests_share_forwards(ckpt, photos, reference):
-    with server(ckpt, "--max-wait-ms", "200", "--max-batch-tiles", "64") as (url, _):
+def test_concurrent_requests_share_forwards(tiny_ckpt, photos, reference):
+    with server(tiny_ckpt, "--max-wait-ms", "200", "--max-batch-tiles", "64") as (url, _):
         results: dict[int, httpx.Response] = {}
 
         def call(i: int) -> None:
@@ -158,8 +153,8 @@ def _metric(text: str, name: str) -> float:
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def test_overload_answers_503_at_once(ckpt, photos, reference):
-    with server(ckpt, "--max-queue", "2", "--max-batch-tiles", "1", "--max-wait-ms", "0") as (url, _):
+def test_overload_answers_503_at_once(tiny_ckpt, photos, reference):
+    with server(tiny_ckpt, "--max-queue", "2", "--max-batch-tiles", "1", "--max-wait-ms", "0") as (url, _):
         results: list[httpx.Response] = []
 
         def call(i: int) -> None:
@@ -187,11 +182,11 @@ def test_overload_answers_503_at_once(ckpt, photos, reference):
             == codes.count(503)
 
 
-def test_bad_requests(ckpt, photos, tmp_path):
+def test_bad_requests(tiny_ckpt, photos, tmp_path):
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((120, 120, 3), np.uint8)).save(big)  # 14,400 pixels > --max-pixels 10000
     headers = {"Authorization": "Bearer s3cret"}
-    with server(ckpt, "--api-key", "s3cret", "--max-body-mb", "0.05", "--max-pixels", "10000") as (url, _):
+    with server(tiny_ckpt, "--api-key", "s3cret", "--max-body-mb", "0.05", "--max-pixels", "10000") as (url, _):
         def post(body, **kw) -> httpx.Response:
             return httpx.post(f"{url}/v1/embeddings", json=body, headers=kw.get("headers", headers), timeout=60)
 
@@ -249,8 +244,8 @@ def test_sigterm_finishes_requests_in_flight(photos, tmp_path):
     assert results == [200] * 6
 
 
-def test_ray_serve_replica_answers_as_the_local_server(ckpt, photos, reference):
-    with server(ckpt, "--engine", "ray", "--replicas", "1", ready_timeout=300) as (url, _):
+def test_ray_serve_replica_answers_as_the_local_server(tiny_ckpt, photos, reference):
+    with server(tiny_ckpt, "--engine", "ray", "--replicas", "1", ready_timeout=300) as (url, _):
         got = httpx.post(f"{url}/v1/embeddings", json={"input": [data_url(p) for p in photos]}, timeout=120)
         assert got.status_code == 200, got.text
         worst = max(np.abs(np.asarray(d["embedding"], np.float32) - ref_cls(reference, i)).max()

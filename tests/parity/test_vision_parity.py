@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 import internvit
-from helpers import official_config_300m, randomize_, timm_to_official, timm_to_transformers, write_official_checkpoint
+from helpers import (
+    assign_weights,
+    official_config_300m,
+    randomize_,
+    timm_to_official,
+    timm_to_transformers,
+    write_official_checkpoint,
+)
 
 pytestmark = pytest.mark.parity
 
@@ -60,10 +67,8 @@ def hf_model(random_300m, dtype: torch.dtype = torch.float32) -> torch.nn.Module
     """transformers' `InternVLVisionModel`, built on the meta device and given the renamed tensors (strict)."""
     with torch.device("meta"):
         model = transformers.InternVLVisionModel(transformers.InternVLVisionConfig(**HF_300M))
-    model.load_state_dict(timm_to_transformers(random_300m.timm_state_dict(dtype)), strict=True, assign=True)
-    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.config._attn_implementation == "sdpa"
-    return model.eval()
+    return assign_weights(model, timm_to_transformers(random_300m.timm_state_dict(dtype)))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_knn_overlap_counts_shared_neighbours():
 
 
 def test_exported_hidden_states_name_the_missing_layer():
-    from internvit.backends import ExportedHiddenStates, LayerNotExportedError
+    from internvit.runtime import ExportedHiddenStates, LayerNotExportedError
 
     a, b = torch.zeros(1), torch.ones(1)
     hs = ExportedHiddenStates({3: a, 24: b}, 24, "out/ov")

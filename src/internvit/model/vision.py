@@ -155,7 +155,7 @@ class Attention(nn.Module):
         self.register_load_state_dict_post_hook(_choose_after_load)
         self.choose_implementation()
 
-    def choose_implementation(self) -> str:
+    def choose_implementation(self) -> None:
         """The one place the attention path is chosen, into `self.implementation`: at construction, and again
         when the weights change device or dtype (`.to()`, loading with `assign=True`) or the mode changes.
         "auto": torch SDPA (flash kernels on GPU; the fastest CPU path in fp32), except the blocked path for
@@ -166,7 +166,6 @@ class Attention(nn.Module):
             blocked = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
             impl = "blocked" if blocked and not (self.training and self.attention_dropout) else "sdpa"
         self.implementation = impl
-        return impl
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
