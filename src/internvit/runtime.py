@@ -9,7 +9,14 @@ outputs; asking for another names them.
 
 Compute precision (`precision`): fp32 or bf16 for OpenVINO (its `INFERENCE_PRECISION_HINT`; OpenVINO picks bf16
 by itself on CPUs with AVX-512 BF16 or AMX, so fp32 is asked for explicitly), fp32 for onnxruntime, int8 for an
-int8 export.
+int8 export. In bf16 the LayerNorms (MVN and its affine) and the residual stream stay fp32 on every CPU
+(`keep_fp32`; OpenVINO's `disable_fp16_compression` mark, which its CPU plugin honours for bf16 too), as torch
+keeps its norms; matrix products and attention run in bf16.
+
+Outputs are checked: a compiled graph first runs a deterministic probe input (`probe_pixels`), and every output
+is checked to be finite; non-finite outputs are never returned (docs/export.md, "Non-finite outputs"). In bf16 a
+probe that fails is retried with the attention kept in fp32 (`SAFER_BF16`; the encoder's `notes` say so), and an
+encoder still non-finite raises `NonFiniteOutputError` naming the export, the CPU, the precision and the way out.
 
 This module runs exports; `export.py` writes them (and validates them with this runtime) and `backends.py`
 chooses a backend and exports a checkpoint on demand.
@@ -21,6 +28,7 @@ import importlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +37,7 @@ import torch
 
 from internvit.checkpoint import files_fingerprint, parse_dtype
 from internvit.config import InternVisionConfig
+from internvit.machine import cpu_name
 from internvit.model.vision import InternVisionOutput
 
 MANIFEST_NAME = "internvit_export.json"
@@ -70,6 +79,10 @@ def export_format(path: str | os.PathLike) -> str:
     p = Path(os.fspath(path).removeprefix("local-dir:"))
     folder = p.parent if p.is_file() else p
     return json.loads((folder / MANIFEST_NAME).read_text())["format"]
+
+
+class NonFiniteOutputError(ExportError):
+    """An exported encoder whose outputs are NaN or infinite on this machine; the message says what to do."""
 
 
 class LayerNotExportedError(ValueError):
@@ -126,8 +139,9 @@ class ExportedEncoder:
     dtype = torch.float32
 
     def __init__(self, runner, *, config: InternVisionConfig, manifest: dict, folder: Path, backend: str,
-                 precision: str, checkpoint=None, load_seconds: float = 0.0) -> None:
+                 precision: str, checkpoint=None, load_seconds: float = 0.0, notes: Sequence[str] = ()) -> None:
         self._run = runner
+        self.notes = tuple(notes)  # how the graph was compiled, where that differs from the plain precision
         self.config = config
         self.manifest = manifest
         self.folder = folder
@@ -186,6 +200,10 @@ class ExportedEncoder:
                     chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), chunk.dtype)])
                 parts.append([o[:n] for o in self._run(chunk)])
             outs = [np.concatenate(p) for p in zip(*parts)]
+        bad = nonfinite_fraction(outs)
+        if bad:
+            raise NonFiniteOutputError(nonfinite_message(self.folder, self.backend, self.precision, bad,
+                                                         "this input", self.notes))
         tensors = [torch.from_numpy(np.ascontiguousarray(o, dtype=np.float32)) for o in outs]
         last = tensors[0]
         hidden = None
@@ -238,19 +256,132 @@ class ExportedEncoder:
         config = InternVisionConfig.from_json(folder / "config.json")
         t = time.perf_counter()
         model_path = folder / manifest["model_file"]
+        probe = probe_pixels(config.image_size, manifest["batch"] if manifest["batch"] != "dynamic" else 1)
         if backend == "openvino":
-            runner = _openvino_runner(model_path, precision, device, cache)
+            runner, notes = _openvino_runner(model_path, precision, device, cache, probe, folder)
         else:
-            runner = _onnxruntime_runner(model_path, device)
+            runner, notes = _onnxruntime_runner(model_path, device), []
+            bad = nonfinite_fraction(runner(probe))
+            if bad:
+                raise NonFiniteOutputError(nonfinite_message(folder, backend, precision, bad, "its probe input", ()))
+        for note in notes:
+            warnings.warn(f"{folder}: {note}", RuntimeWarning, stacklevel=2)
         return cls(runner, config=config, manifest=manifest, folder=folder, backend=backend, precision=precision,
-                   checkpoint=checkpoint, load_seconds=time.perf_counter() - t)
+                   checkpoint=checkpoint, load_seconds=time.perf_counter() - t, notes=notes)
+
+
+# ---- checking outputs ------------------------------------------------------------------------------------------
+
+PROBE_SEED = 0
+
+
+def probe_pixels(image_size: int, batch: int = 1) -> np.ndarray:
+    """The probe input every compiled graph runs first: [batch, 3, S, S] normal noise clipped to +-2.5 (the range
+    of normalized pixels), the same on every machine."""
+    rng = np.random.default_rng(PROBE_SEED)
+    return rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32).clip(-2.5, 2.5)
+
+
+def nonfinite_fraction(outputs: Sequence[np.ndarray]) -> float:
+    """The fraction of NaN or infinite values over all `outputs` (0.0 when all are finite)."""
+    bad = sum(int(o.size - np.count_nonzero(np.isfinite(o))) for o in outputs)
+    return bad / max(1, sum(o.size for o in outputs))
+
+
+def nonfinite_message(folder, backend: str, precision: str, fraction: float, what: str, notes: Sequence[str]) -> str:
+    """What `NonFiniteOutputError` says: the export, the runtime, the CPU, the precision, and the way out."""
+    if backend == "openvino":
+        ov = importlib.import_module("openvino")
+        runtime = f"OpenVINO {ov.get_version().split('-')[0]}"
+    else:
+        runtime = f"onnxruntime {importlib.import_module('onnxruntime').__version__}"
+    way_out = {"bf16": "load it with dtype='fp32' (--dtype fp32), or use backend='torch' with dtype bf16",
+               "int8": "use an fp32 export or the torch backend"}.get(precision, "use the torch backend")
+    tried = f" (tried: {'; '.join(notes)})" if notes else ""
+    return (f"{folder}: the exported encoder returned non-finite values ({fraction:.1%} NaN or inf) on {what}, "
+            f"{runtime} in {precision} on {cpu_name()}{tried}; {way_out} (docs/export.md, 'Non-finite outputs')")
+
+
+# ---- OpenVINO: what stays fp32 in bf16 ------------------------------------------------------------------------
+
+# The retry of a bf16 graph whose probe is not finite: the attention, the kernel whose inner dimensions (head size,
+# token count) are not multiples of the AMX tile (docs/export.md), is compiled without OpenVINO's fused
+# (snippets) attention kernel, and kept in fp32 where OpenVINO keeps the SDPA node whole.
+SAFER_BF16 = "compiled without the fused bf16 attention kernel (SNIPPETS_MODE=DISABLE, attention nodes marked fp32): " \
+             "the default bf16 compilation gave non-finite values on the probe input"
+
+
+def _is_const(value) -> bool:
+    node = value.get_node()
+    while node.get_type_name() == "Convert" and node.get_input_size():  # fp16-compressed weights
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant"
+
+
+def keep_fp32(ov_model, *, attention: bool = False) -> list[str]:
+    """The names of the precision-sensitive nodes of a graph that a bf16 compilation keeps in fp32.
+
+    Always: the LayerNorms (MVN, then its scale and shift) and the residual stream (an Add of two computed
+    tensors, and the layer-scale Multiply feeding it), as torch keeps its norms in fp32. With `attention`: also the
+    attention (the SDPA node, Softmax, and the MatMuls of two computed tensors)."""
+    names = []
+    for node in ov_model.get_ordered_ops():
+        kind = node.get_type_name()
+        computed = [v for v in node.input_values() if not _is_const(v)]
+        if kind == "MVN":
+            names.append(node.get_friendly_name())
+            for affine in _consumers(node, ("Multiply",)):  # LayerNorm's weight, then its bias
+                names.append(affine.get_friendly_name())
+                names += [bias.get_friendly_name() for bias in _consumers(affine, ("Add",))]
+        elif kind == "Add" and len(computed) == 2:  # residual: x + f(x) (* ls)
+            names.append(node.get_friendly_name())
+            for v in computed:
+                scale = v.get_node()
+                if scale.get_type_name() == "Multiply" and any(_is_const(u) for u in scale.input_values()):
+                    names.append(scale.get_friendly_name())
+        elif attention and (kind in ("ScaledDotProductAttention", "Softmax")
+                            or (kind == "MatMul" and len(computed) == 2)):
+            names.append(node.get_friendly_name())
+    return names
+
+
+def read_marked(core, path: Path, names: Sequence[str]):
+    """Read the IR at `path` with the layers `names` marked to keep their precision.
+
+    The mark is the IR attribute `DisablePrecisionConversion` (what OpenVINO writes for nodes kept out of f16),
+    which the CPU plugin also honours for bf16 inference; it is typed in C++ and not settable from Python, so it
+    is written into a copy of the XML (kilobytes), read beside a link to the original weights."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(path)
+    wanted = set(names)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("name") in wanted:
+            rt = layer.find("rt_info")
+            if rt is None:
+                rt = ET.Element("rt_info")
+                layer.insert(1 if layer.find("data") is not None else 0, rt)
+            ET.SubElement(rt, "attribute", {"name": "DisablePrecisionConversion", "version": "0",
+                                             "value": "dynamic:f16"})
+    with tempfile.TemporaryDirectory(prefix="internvit-ir-") as tmp:
+        xml = Path(tmp) / path.name
+        tree.write(xml)
+        os.symlink(path.with_suffix(".bin").resolve(), xml.with_suffix(".bin"))
+        return core.read_model(str(xml))
+
+
+def _consumers(node, kinds: tuple[str, ...]) -> list:
+    return [i.get_node() for i in node.output(0).get_target_inputs() if i.get_node().get_type_name() in kinds]
 
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _openvino_runner(path: Path, precision: str, device, cache: bool):
+def _openvino_runner(path: Path, precision: str, device, cache: bool, probe: np.ndarray, folder: Path):
+    """Compile the graph for the CPU and check it on `probe`: (run, notes); in bf16, retried with the attention in
+    fp32 when the probe's outputs are not finite."""
     ov = require("openvino", "openvino", "the openvino backend")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type != "cpu":
@@ -264,7 +395,22 @@ def _openvino_runner(path: Path, precision: str, device, cache: bool):
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": _threads()}
     if precision in ("fp32", "bf16"):
         config["INFERENCE_PRECISION_HINT"] = "f32" if precision == "fp32" else "bf16"
-    compiled = core.compile_model(str(path), "CPU", config)
+    plain = core.read_model(str(path))
+    notes: list[str] = []
+    for attention in ((False, True) if precision == "bf16" else (False,)):
+        model = plain
+        if precision == "bf16" and path.suffix == ".xml":
+            model = read_marked(core, path, keep_fp32(plain, attention=attention))
+        run = _openvino_run(core.compile_model(model, "CPU", config | ({"SNIPPETS_MODE": "DISABLE"} if attention else {})))
+        bad = nonfinite_fraction(run(probe))
+        if not bad:
+            return run, notes
+        if precision == "bf16" and not attention:
+            notes.append(SAFER_BF16)
+    raise NonFiniteOutputError(nonfinite_message(folder, "openvino", precision, bad, "its probe input", notes))
+
+
+def _openvino_run(compiled):
     request = compiled.create_infer_request()
     outputs = compiled.outputs
 

@@ -37,8 +37,9 @@ LAYERS = {
     "_fileio": 0, "config": 0, "registry": 0,
     "checkpoint": 1, "preprocess": 1,  # files and pixels: nothing of the model
     "model": 2,  # the encoder, projector and chat model: config, checkpoint, preprocess
-    "internvit": 3, "features": 3, "weights": 3, "sources": 3, "runtime": 3,  # `internvit` = the package itself
+    "internvit": 3, "features": 3, "weights": 3, "sources": 3, "runtime": 3, "machine": 3,  # `internvit` = the package itself
     "export": 4,  # writes graphs from weights, validated by the runtime
+    "autotune": 4,  # measured CPU choices (attention path, chunk, backend), cached per machine
     "backends": 5,  # from_pretrained: torch, an export, or a checkpoint exported on demand
     "extract": 6, "feature_table": 6,
     "index": 7, "probe": 7, "viz": 7,
