@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from internvit import __version__
 from internvit._fileio import atomic_write
 from internvit.checkpoint import PREPROCESSOR_NAME, check_target
+from internvit.machine import versions
 from internvit.preprocess import ImageLoadError, ImageProcessor, open_image
 from internvit.preprocess.tiling import tile_image
 from internvit.preprocess.video import is_video_name
@@ -54,10 +54,27 @@ PRECISIONS = ("fp32", "bf16", "int8")
 INPUT_NAME = "pixel_values"
 
 # The stated tolerances (README "Export"). fp32: the issue's max-abs bound. bf16 and int8: the cosine of each
-# token with the fp32 torch output (int8: of the CLS tokens; every number is in the fidelity report).
+# token with the fp32 torch output (int8: of the CLS tokens; every number is in the fidelity report). bf16: what
+# bf16 arithmetic guarantees for the depth of the net (`bf16_min_cosine`), never one CPU's measured figure.
 FP32_MAX_ABS = 1e-4
-BF16_MIN_COSINE = 0.999
 INT8_MIN_CLS_COSINE = 0.99
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits: round-to-nearest is off by at most 2^-8 relative
+BF16_ROUNDINGS_PER_LAYER = 16  # 12 activation roundings (norm outs, qkv, scores, probs, attn out, proj, fc1, GELU,
+                               # fc2, 2 residual adds) + 4 weight matrices (qkv, proj, fc1, fc2)
+BF16_GAIN = 3.0  # growth of an error through the rest of the net (LayerNorm, softmax), a margin over torch's own
+
+
+def bf16_min_cosine(num_layers: int) -> float:
+    """The lowest per-token cosine with fp32 that bf16 arithmetic allows for a `num_layers`-deep InternViT.
+
+    Each of R roundings per layer puts a relative error uniform in [-u, u] (u = 2^-8) on a tensor, rms u/sqrt(3);
+    independent errors add in quadrature over L layers and grow by at most G through the rest of the net, so a
+    token's relative error r = |y - y_ref| / |y_ref| has r^2 <= G^2 L R u^2 / 3, and its cosine with the fp32 token
+    is 1 - r^2 / 2 (an error orthogonal to y_ref; any parallel part only rescales). R = 16, G = 3: 0.99927 for the
+    2-layer test model, 0.99121 for the 24-layer 300M, 0.98242 for the 48-layer 6B (docs/export.md).
+    """
+    r2 = BF16_GAIN**2 * num_layers * BF16_ROUNDINGS_PER_LAYER * BF16_UNIT_ROUNDOFF**2 / 3
+    return 1 - r2 / 2
 KNN = 10  # neighbours compared in the fidelity report
 HELDOUT_TILES = 32  # held-out tiles at most (the torch fp32 reference runs on each)
 SYNTHETIC_IMAGE = (1000, 500)  # the validation image when no calibration images are given (2 tiles + thumbnail)
@@ -258,8 +275,9 @@ def compare(ref: list[torch.Tensor], test: list[torch.Tensor], names: list[str])
     return out
 
 
-def check_tolerance(precision: str, result: dict, *, force: bool) -> tuple[bool, str]:
-    """Whether `result` meets the stated tolerance of `precision`; the reason as a sentence."""
+def check_tolerance(precision: str, result: dict, *, force: bool, num_layers: int) -> tuple[bool, str]:
+    """Whether `result` meets the stated tolerance of `precision` (bf16: for a `num_layers`-deep net); the reason
+    as a sentence."""
     if precision == "fp32":
         worst = max(result["max_abs"].items(), key=lambda kv: kv[1])
         ok = worst[1] <= FP32_MAX_ABS
@@ -267,8 +285,10 @@ def check_tolerance(precision: str, result: dict, *, force: bool) -> tuple[bool,
     elif precision == "bf16":
         worst = min(result["cls_cosine"]["min"], result["patch_cosine"]["min"],
                     *result.get("hidden_cosine_min", {}).values())
-        ok = worst >= BF16_MIN_COSINE
-        why = f"min token cosine with the fp32 torch model {worst:.5f}, tolerance {BF16_MIN_COSINE}"
+        tolerance = bf16_min_cosine(num_layers)
+        ok = worst >= tolerance
+        why = (f"min token cosine with the fp32 torch model {worst:.5f}, tolerance {tolerance:.5f} (bf16 "
+               f"arithmetic over {num_layers} layers)")
     else:
         worst = result["cls_cosine"]["min"]
         ok = worst >= INT8_MIN_CLS_COSINE
@@ -345,19 +365,6 @@ class ExportResult:
     path: Path  # the folder
     manifest: dict
     seconds: float
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"internvit": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _parse_batch(batch: str | int | None) -> int | None:
@@ -494,7 +501,7 @@ def export(
         result = compare(ref, run_encoder(encoder, tiles.heldout, layers), names)
         result["seconds"] = time.perf_counter() - t
         del encoder
-        ok, why = check_tolerance(precision, result, force=force)
+        ok, why = check_tolerance(precision, result, force=force, num_layers=config.num_hidden_layers)
         result.update({"passed": ok, "verdict": why, "heldout": tiles.source,
                        "heldout_images": tiles.heldout_images})
         manifest["validation"] = result

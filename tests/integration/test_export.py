@@ -22,6 +22,7 @@ from helpers import inject_outlier_channels
 from PIL import Image
 
 import internvit
+from internvit.export import bf16_min_cosine
 from internvit.weights import save_pretrained
 
 pytest.importorskip("openvino")
@@ -134,6 +135,13 @@ def test_backends_through_the_public_functions(onnx_dir, ov_dir, reference, imag
             assert all((u - v).abs().max() <= 1e-4 for u, v in zip(a, b))
 
 
+# bf16 tolerances come from bf16 arithmetic, not from one CPU's figures: 8 significant bits (unit roundoff 2^-8),
+# 16 roundings per layer, an error growth of at most 3 over the 2 layers of the tiny model give a relative token
+# error r <= 3 * 2^-8 * sqrt(2 * 16 / 3) and a cosine >= 1 - r^2 / 2 = 0.99927 (`bf16_min_cosine`, derived in its
+# docstring; the unit test pins its value). AMD Zen 4 measures ~0.999996 here; the margin is for other kernels.
+TINY_BF16_MIN_COSINE = bf16_min_cosine(2)
+
+
 def test_openvino_bf16_and_precision_of_the_graph(ov_dir, onnx_dir, reference):
     bf16 = internvit.from_pretrained(ov_dir)  # an fp32 IR; dtype None keeps its precision
     assert bf16.precision == "fp32"
@@ -143,8 +151,9 @@ def test_openvino_bf16_and_precision_of_the_graph(ov_dir, onnx_dir, reference):
     with torch.inference_mode():
         ref = reference(x).last_hidden_state
     out = bf16(x).last_hidden_state
+    assert torch.isfinite(out).all()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
-    assert cos.min() >= 0.999
+    assert cos.min() >= TINY_BF16_MIN_COSINE
     assert (out - ref).abs().max() > 1e-5  # it did run in bf16 (the fp32 graph agrees to ~1e-6)
     with pytest.raises(ValueError, match="not available with the onnxruntime"):
         internvit.from_pretrained(onnx_dir, dtype="bf16")
@@ -158,7 +167,7 @@ def test_export_bf16_ir_validates_by_cosine(tiny_ckpt, tmp_path, reference):
     r = export(tiny_ckpt, tmp_path / "bf16", format="openvino", precision="bf16", batch="2")
     m = r.manifest
     assert m["precision"] == "bf16" and m["batch"] == 2
-    assert m["validation"]["cls_cosine"]["min"] >= 0.999
+    assert m["validation"]["cls_cosine"]["min"] >= TINY_BF16_MIN_COSINE
     enc = internvit.from_pretrained(tmp_path / "bf16")
     assert enc.precision == "bf16" and enc.batch == 2
     x = tiles(5, 3)  # 5 tiles through a fixed batch of 2: padded, cut back
@@ -166,7 +175,73 @@ def test_export_bf16_ir_validates_by_cosine(tiny_ckpt, tmp_path, reference):
     with torch.inference_mode():
         ref = reference(x).last_hidden_state
     assert out.shape == ref.shape
-    assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).min() >= 0.999
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).min() >= TINY_BF16_MIN_COSINE
+
+
+# ---- non-finite outputs are never returned ------------------------------------------------------------------
+
+
+def test_a_bf16_graph_keeps_its_norms_and_residual_stream_in_fp32(ov_dir):
+    """What OpenVINO's CPU plugin runs each node in (its runtime model), after `keep_fp32`'s marks."""
+    import openvino as ov
+
+    from internvit.runtime import keep_fp32, read_marked
+
+    core = ov.Core()
+    path = ov_dir / "openvino_model.xml"
+    model = read_marked(core, path, keep_fp32(core.read_model(str(path))))
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    runs = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        runs.setdefault(info["layerType"].astype(str), set()).add(info["runtimePrecision"].astype(str))
+    assert runs["MVN"] == {"f32"}  # the LayerNorms, on every CPU (bf16 where unmarked, on CPUs with bf16 units)
+
+
+def test_non_finite_outputs_are_retried_then_refused(ov_dir, monkeypatch):
+    """A bf16 graph whose probe gives NaN is compiled again without the fused attention kernel (and says so); one
+    still NaN is refused with the export, the CPU, the precision and the way out; NaN at run time raises too."""
+    import internvit.runtime as rt
+    from internvit.machine import cpu_name
+
+    compiled = []
+    real = rt._openvino_run
+
+    def nan_first(c):
+        run = real(c)
+        compiled.append(c)
+        return run if len(compiled) > 1 else (lambda x: [np.full_like(o, np.nan) for o in run(x)])
+
+    monkeypatch.setattr(rt, "_openvino_run", nan_first)
+    with pytest.warns(RuntimeWarning, match="without the fused bf16 attention kernel"):
+        enc = internvit.from_pretrained(ov_dir, dtype="bf16")
+    assert len(compiled) == 2 and enc.notes == (rt.SAFER_BF16,) and enc.precision == "bf16"
+    assert torch.isfinite(enc(tiles(2)).last_hidden_state).all()
+
+    monkeypatch.setattr(rt, "_openvino_run", lambda c: (lambda x: [np.full_like(o, np.nan) for o in real(c)(x)]))
+    with pytest.raises(rt.NonFiniteOutputError) as e:
+        internvit.from_pretrained(ov_dir, dtype="bf16")
+    message = str(e.value)
+    assert str(ov_dir) in message and "bf16" in message and cpu_name() in message and "dtype='fp32'" in message
+    with pytest.raises(rt.NonFiniteOutputError, match="fp32"):  # fp32 is checked too, with no retry
+        internvit.from_pretrained(ov_dir, dtype="fp32")
+
+    monkeypatch.setattr(rt, "_openvino_run", real)
+    enc = internvit.from_pretrained(ov_dir, dtype="fp32")
+    x = tiles(2)
+    x[1, 0, 0, 0] = float("nan")  # a NaN pixel: the output is refused, not returned
+    with pytest.raises(rt.NonFiniteOutputError, match="on this input"):
+        enc(x)
+
+
+@pytest.mark.slow
+def test_bf16_reproducer_runs_in_fresh_processes():
+    """docs/export.md's reproducer, in 2 processes per way: internvit never returns non-finite values silently."""
+    script = Path(__file__).parents[2] / "benchmarks" / "bf16_nonfinite.py"
+    proc = subprocess.run([sys.executable, str(script), "--processes", "2", "--batch", "2"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "internvit: 0 non-finite returned" in proc.stdout.splitlines()[-1]
 
 
 def test_export_refuses(tiny_ckpt, tmp_path, monkeypatch, capsys):
