@@ -8,7 +8,7 @@
       `internvit export`) into the cache, keyed by the weights' content fingerprint, the layers it outputs and
       the versions that made it; later loads reuse it. OpenVINO's compiled-blob cache (`CACHE_DIR`) is on, so
       a later process also skips most of the compilation;
-    - "auto": `auto_backend`, the fastest one installed for the device and dtype.
+    - "auto": `auto_backend`, the fastest one installed for this CPU and dtype, measured once (`autotune.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from internvit import autotune
 from internvit.checkpoint import CONFIG_NAME, parse_dtype, resolve
 from internvit.config import InternVisionConfig
 from internvit.export import export, parse_layers, versions
@@ -47,10 +48,10 @@ def installed(backend: str) -> bool:
     return importlib.util.find_spec(MODULES[backend]) is not None
 
 
-def auto_backend(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, str]:
-    """The fastest installed backend for this device and dtype, and why (benchmarks/results/vit_*: on CPU
-    OpenVINO's graph beats torch in fp32 and bf16; onnxruntime is faster than torch in fp32 only). On a GPU,
-    torch (SDPA flash kernels)."""
+def static_backend(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, str]:
+    """The backend `auto` picks without measuring (`INTERNVIT_AUTOTUNE=0`, or no checkpoint to measure), and
+    why: on CPU OpenVINO where installed (faster than torch on AMD EPYC in fp32 and bf16, benchmarks/results/
+    vit_*), else onnxruntime for fp32; torch on a GPU and for fp16."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     dt = parse_dtype(dtype)
     if dev.type != "cpu":
@@ -58,10 +59,51 @@ def auto_backend(device: str | torch.device | None = None, dtype: str | torch.dt
     if dt == torch.float16:
         return "torch", "fp16 is torch's only"
     if installed("openvino"):
-        return "openvino", "the fastest CPU backend installed (OpenVINO)"
+        return "openvino", "the static CPU default where OpenVINO is installed (not measured)"
     if installed("onnxruntime") and dt in (torch.float32, None):
-        return "onnxruntime", "OpenVINO is not installed; onnxruntime is faster than torch in fp32"
+        return "onnxruntime", "OpenVINO is not installed; onnxruntime is faster than torch in fp32 (not measured)"
     return "torch", "neither OpenVINO nor (for fp32) onnxruntime is installed"
+
+
+def auto_backend(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 model: str | os.PathLike | None = None, *, revision: str | None = None,
+                 cache_dir: str | None = None, layers: Sequence[int] = ()) -> tuple[str, str]:
+    """The fastest installed backend for this CPU, dtype and `model` (a checkpoint), and why.
+
+    On a CPU with a checkpoint given, measured once per machine (`autotune.choose_backend`: the candidates of the
+    requested precision, each on a batch of probe tiles at the model's real shapes) and cached; otherwise, and
+    with `INTERNVIT_AUTOTUNE=0`, `static_backend`. Precision never changes: bf16 compares torch and OpenVINO in
+    bf16, fp32 also onnxruntime; fp16 is torch's only."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dt = parse_dtype(dtype) or torch.bfloat16
+    candidates = [b for b in (("torch", "openvino") if dt == torch.bfloat16 else BACKENDS) if installed(b)]
+    if model is None or not autotune.enabled() or dev.type != "cpu" or dt == torch.float16 or len(candidates) < 2:
+        return static_backend(device, dtype)
+    ckpt = resolve(model, revision=revision, cache_dir=cache_dir)
+    if ckpt.config_path is None:
+        return static_backend(device, dtype)
+    config = InternVisionConfig.from_json(ckpt.config_path)
+
+    def loader(backend: str):
+        if backend == "torch":
+            return lambda: _torch_model(model, dtype=dt, device=device, revision=revision, cache_dir=cache_dir)
+        return lambda: cached(model, backend=backend, dtype=dt, device=device, revision=revision, layers=layers,
+                              cache_dir=cache_dir)
+
+    choice, figures, hit = autotune.choose_backend(config, dt, {b: loader(b) for b in candidates})
+    rates = ", ".join(f"{b} {r:.3g}" for b, r in sorted(figures["tiles_per_s"].items()))
+    return choice, (f"measured fastest on this CPU in {str(dt).removeprefix('torch.')} at batch "
+                    f"{autotune.BACKEND_BATCH} ({'cached' if hit else 'just now'}; tiles/s: {rates})")
+
+
+def _torch_model(name_or_path, *, dtype=None, device=None, revision=None, config=None, attn_implementation="auto",
+                 cache_dir=None) -> InternVisionModel:
+    """The torch backend: the checkpoint as an `InternVisionModel`, its CPU inference plan measured
+    (`autotune.tune_torch`)."""
+    model = from_checkpoint(name_or_path, dtype=dtype, device=device, revision=revision, config=config,
+                            attn_implementation=attn_implementation, cache_dir=cache_dir)
+    autotune.tune_torch(model)
+    return model
 
 
 # ---- from_pretrained(backend=...) --------------------------------------------------------------------------
@@ -90,10 +132,12 @@ def from_pretrained(
         device: where to put the weights; None leaves them on the CPU, memory-mapped.
         revision: a Hub branch, tag or commit.
         config: overrides the checkpoint's config.json (needed for a timm state dict of an unknown size).
-        attn_implementation: "auto" (default), "sdpa", "blocked" or "eager" (see `InternVisionModel`).
+        attn_implementation: "auto" (default: on CPU the path measured fastest here, `autotune.tune_torch`),
+            "sdpa", "blocked" or "eager" (see `InternVisionModel`); a named one is never overridden.
         cache_dir: a Hugging Face cache folder other than the default.
         backend: "torch" (the default for checkpoints: this `InternVisionModel`), "openvino", "onnxruntime" or
-            "auto" (`auto_backend`). The others return an `ExportedEncoder` with the same inference surface: an
+            "auto" (`auto_backend`: measured on this CPU, among the paths of the requested dtype; bf16 when
+            dtype is None on a CPU). The others return an `ExportedEncoder` with the same inference surface: an
             export folder loads directly (and is what `None` loads it with); an ordinary checkpoint is exported
             once into the cache, keyed by its weights' fingerprint.
         layers: with an exporting backend, the `hidden_states` indices the graph must also output.
@@ -101,14 +145,20 @@ def from_pretrained(
     The loaded model carries `model.checkpoint` (the resolved files), which `ImageProcessor.from_pretrained` and
     `internvit extract` use to find the matching `preprocessor_config.json`.
     """
+    exported = is_export(name_or_path)
     if backend == "auto":
-        backend, _ = auto_backend(device, dtype)
+        if exported:
+            backend = None  # an export runs on its own runtime
+        else:
+            if dtype is None and torch.device(device or "cpu").type == "cpu":
+                dtype = "bf16"  # what auto compares on a CPU when no dtype is asked for
+            backend, _ = auto_backend(device, dtype, name_or_path, revision=revision, cache_dir=cache_dir,
+                                      layers=layers)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
-    exported = is_export(name_or_path)
     if backend in (None, "torch") and not exported:
-        return from_checkpoint(name_or_path, dtype=dtype, device=device, revision=revision, config=config,
-                               attn_implementation=attn_implementation, cache_dir=cache_dir)
+        return _torch_model(name_or_path, dtype=dtype, device=device, revision=revision, config=config,
+                            attn_implementation=attn_implementation, cache_dir=cache_dir)
     if config is not None:
         raise ValueError(f"config= is for the torch backend (backend={backend!r} reads the checkpoint's own)")
     if backend not in (None, "torch") and not installed(backend):

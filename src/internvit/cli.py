@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "`internvit extract` (a Parquet file, or a folder of shards from --engine ray).")
     p.add_argument("out", help="the --out of the extract run")
 
+    p = sub.add_parser("doctor", help="this machine (CPU, ISA flags), the libraries, and the CPU choices measured "
+                       "here with the figures they were made on")
+    p.add_argument("--model", help="also measure (or read) the choices for this checkpoint: attention path, chunk, "
+                   "backend='auto'")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="the precision to measure --model in")
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
     p.add_argument("out_dir")
     p.add_argument("--preset", default="300m", choices=["300m", "6b", "tiny"])
@@ -266,6 +271,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "extract":
         from internvit.extract.core import ExtractOptions
 
@@ -348,6 +355,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote the official layout to {out}", file=sys.stderr)
         return 0
     raise AssertionError(args.command)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from internvit import autotune
+    from internvit.backends import auto_backend, from_pretrained
+
+    if args.model:
+        model = from_pretrained(args.model, dtype=args.dtype)  # torch: attention path and chunk
+        chosen, why = auto_backend("cpu", args.dtype, args.model)
+        del model
+        print(f"backend='auto' for {args.model} in {args.dtype}: {chosen} ({why})")
+    print(autotune.describe())
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -8,8 +8,9 @@ References:
 
 Differs from the official code:
     - Attention runs through `F.scaled_dot_product_attention` (no flash-attn requirement, works on CPU and in
-      fp32), except bf16/fp16 on CPU, where the official naive path computed one block of queries at a time is
-      faster (`blocked_attention`); `attn_implementation="eager"` is the official naive path as written.
+      fp32), or the official naive path computed one block of queries at a time (`blocked_attention`), whichever
+      `autotune.py` measured faster on this CPU (static default without a measurement: blocked for bf16/fp16 on
+      CPU); `attn_implementation="eager"` is the official naive path as written.
     - Drop-path rates are plain Python floats, so the model can be built on the meta device (spec §7.4).
     - The position-embedding interpolation is skipped when the patch grid is the native one: bicubic at scale 1
       is the identity (cubic weights 0, 1, 0, 0), so the result is the same and a copy is saved (spec §2.2).
@@ -32,7 +33,7 @@ from torch import nn
 from internvit.config import InternVisionConfig
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "blocked", "eager")
-CPU_INFERENCE_CHUNK = 2  # images per encoder pass in CPU inference (see InternVisionModel.forward)
+CPU_INFERENCE_CHUNK = 2  # images per encoder pass in CPU inference, unless measured (InternVisionModel.set_cpu_plan)
 
 
 @dataclass
@@ -152,19 +153,23 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(C, config.layer_norm_eps)
         self.proj = nn.Linear(C, C)
         self.proj_drop = nn.Dropout(config.dropout)
+        self.measured: dict[torch.dtype, str] = {}  # CPU inference path per dtype, measured (`set_cpu_plan`)
         self.register_load_state_dict_post_hook(_choose_after_load)
         self.choose_implementation()
 
     def choose_implementation(self) -> None:
         """The one place the attention path is chosen, into `self.implementation`: at construction, and again
         when the weights change device or dtype (`.to()`, loading with `assign=True`) or the mode changes.
-        "auto": torch SDPA (flash kernels on GPU; the fastest CPU path in fp32), except the blocked path for
-        bf16/fp16 on CPU, unless attention dropout is active in training."""
+        "auto": on CPU, the path measured fastest for this dtype (`measured`), else the blocked path for
+        bf16/fp16 and SDPA for fp32; torch SDPA (flash kernels) on GPU, and whenever attention dropout is active
+        in training."""
         w = self.qkv.weight
         impl = self.attn_implementation
         if impl == "auto":
-            blocked = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-            impl = "blocked" if blocked and not (self.training and self.attention_dropout) else "sdpa"
+            if (self.training and self.attention_dropout) or w.device.type != "cpu":
+                impl = "sdpa"
+            else:
+                impl = self.measured.get(w.dtype, "blocked" if w.dtype in (torch.bfloat16, torch.float16) else "sdpa")
         self.implementation = impl
 
     def _apply(self, fn, recurse: bool = True):
@@ -276,7 +281,8 @@ class InternVisionModel(nn.Module):
 
     Args:
         config: the architecture (see `internvit.PRESETS` for the 300M, the 6B and a tiny test size).
-        attn_implementation: "auto" (default: SDPA, or the blocked path for bf16/fp16 on CPU), "sdpa", "blocked"
+        attn_implementation: "auto" (default: on CPU the path measured fastest, see `set_cpu_plan`, else SDPA, or
+            the blocked path for bf16/fp16 on CPU), "sdpa", "blocked"
             or "eager" (the official naive softmax path, the whole score matrix at once).
     """
 
@@ -285,6 +291,20 @@ class InternVisionModel(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config, attn_implementation)
+        self.cpu_chunks: dict[torch.dtype, int] = {}  # images per CPU inference pass per dtype, measured
+
+    def set_cpu_plan(self, dtype: torch.dtype, *, attention: str | None, chunk: int) -> None:
+        """Use `attention` ("sdpa" or "blocked") where attention is "auto", and `chunk` images per pass, for CPU
+        inference in `dtype` (what `autotune.tune_torch` measured fastest); None leaves the attention as it is."""
+        if attention is not None and attention not in ("sdpa", "blocked"):
+            raise ValueError(f"attention must be 'sdpa' or 'blocked', got {attention!r}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive number of images, got {chunk}")
+        self.cpu_chunks[dtype] = chunk
+        for layer in self.encoder.layers:
+            if attention is not None:
+                layer.attn.measured[dtype] = attention
+            layer.attn.choose_implementation()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -336,11 +356,13 @@ class InternVisionModel(nn.Module):
             self._check_pixels(pixel_values)
         inputs = pixel_embeds if pixel_embeds is not None else pixel_values
         B = inputs.shape[0]
-        step = CPU_INFERENCE_CHUNK if inputs.device.type == "cpu" and not torch.is_grad_enabled() else B
+        cpu_inference = inputs.device.type == "cpu" and not torch.is_grad_enabled()
+        step = self.cpu_chunks.get(self.dtype, CPU_INFERENCE_CHUNK) if cpu_inference else B
         if B <= step:
             return self._run_chunk(pixel_values, pixel_embeds, keep, depth)
         # CPU inference: a few images at a time. GEMMs of <= ~2k rows run ~20% faster here than the 13k rows of
         # a 13-tile batch (benchmarks/), and each image's activations stay in cache; the results are the same.
+        # How many is measured per CPU where autotune ran (`set_cpu_plan`).
         parts = [self._run_chunk(None if pixel_values is None else pixel_values[i:i + step],
                                  None if pixel_embeds is None else pixel_embeds[i:i + step], keep, depth)
                  for i in range(0, B, step)]
