@@ -141,10 +141,12 @@ def build(impl: str, torch, dtype, state_dict, exports: Path | None = None):
         return build_exported(impl, torch, dtype, exports)
     if impl == "internvit":
         import internvit
+        import internvit.autotune
 
         model = internvit.InternVisionModel(internvit.PRESETS["300m"])
         model.load_state_dict(state_dict)
         model = model.to(dtype).eval()
+        internvit.autotune.tune_torch(model)  # as from_pretrained does: the CPU path measured fastest here
         return lambda x: model(x).last_hidden_state
     if impl == "timm":
         import timm
