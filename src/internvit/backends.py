@@ -148,7 +148,7 @@ def from_pretrained(
     exported = is_export(name_or_path)
     if backend == "auto":
         if exported:
-            backend = None  # an export runs on its own runtime
+            backend, _ = static_backend(device, dtype)  # nothing to compare: the export's own graph
         else:
             if dtype is None and torch.device(device or "cpu").type == "cpu":
                 dtype = "bf16"  # what auto compares on a CPU when no dtype is asked for

@@ -10,13 +10,14 @@ outputs; asking for another names them.
 Compute precision (`precision`): fp32 or bf16 for OpenVINO (its `INFERENCE_PRECISION_HINT`; OpenVINO picks bf16
 by itself on CPUs with AVX-512 BF16 or AMX, so fp32 is asked for explicitly), fp32 for onnxruntime, int8 for an
 int8 export. In bf16 the LayerNorms (MVN and its affine) and the residual stream stay fp32 on every CPU
-(`keep_fp32`; OpenVINO's `disable_fp16_compression` mark, which its CPU plugin honours for bf16 too), as torch
-keeps its norms; matrix products and attention run in bf16.
+(`keep_fp32`, `read_marked`: OpenVINO's `DisablePrecisionConversion` mark, which its CPU plugin honours for bf16
+too), as torch keeps its norms; matrix products and attention run in bf16.
 
 Outputs are checked: a compiled graph first runs a deterministic probe input (`probe_pixels`), and every output
 is checked to be finite; non-finite outputs are never returned (docs/export.md, "Non-finite outputs"). In bf16 a
-probe that fails is retried with the attention kept in fp32 (`SAFER_BF16`; the encoder's `notes` say so), and an
-encoder still non-finite raises `NonFiniteOutputError` naming the export, the CPU, the precision and the way out.
+probe that fails is retried without OpenVINO's fused attention kernel (`SAFER_BF16`; the encoder's `notes` and a
+warning say so), and an encoder still non-finite raises `NonFiniteOutputError` naming the export, the runtime,
+the CPU, the precision and the way out.
 
 This module runs exports; `export.py` writes them (and validates them with this runtime) and `backends.py`
 chooses a backend and exports a checkpoint on demand.
