@@ -197,8 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in the server at once; more get 503 with Retry-After (default: 64)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body; larger get 413 (default: 64)")
     p.add_argument("--max-pixels", type=_positive, help="refuse larger images with 400 (default: 100,000,000)")
+    p.add_argument("--max-request-tiles", type=_positive, default=1024,
+                   help="most tiles in one request; more get 413 (default: 1024)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ endpoints")
     p.add_argument("--decode-threads", type=_positive, default=2, help="threads decoding and tiling images (default: 2)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds a connection may stay idle, new or between requests (default: 5)")
+    p.add_argument("--timeout-read", type=float, default=30.0,
+                   help="seconds a request may take to arrive, headers and body, from its first byte (default: 30)")
+    p.add_argument("--max-connections", type=_positive, default=512,
+                   help="open connections; more are closed at once (default: 512)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: one process (default); ray: a Ray Serve deployment, one model per replica")
     p.add_argument("--replicas", type=_positive, default=1, help="with --engine ray: replicas (default: 1)")
@@ -358,8 +366,10 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServeOptions(model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                            tiles=args.tiles, max_tiles=args.max_tiles, max_batch_tiles=args.max_batch_tiles,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-                           max_pixels=args.max_pixels, api_key=args.api_key, decode_threads=args.decode_threads,
-                           backend=args.backend)
+                           max_pixels=args.max_pixels, max_request_tiles=args.max_request_tiles,
+                           api_key=args.api_key, decode_threads=args.decode_threads, backend=args.backend,
+                           timeout_keep_alive=args.timeout_keep_alive, timeout_read=args.timeout_read,
+                           max_connections=args.max_connections)
     if args.engine == "ray":
         serve_ray(options, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
     else:

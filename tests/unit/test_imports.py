@@ -42,7 +42,7 @@ LAYERS = {
     "backends": 5,  # from_pretrained: torch, an export, or a checkpoint exported on demand
     "extract": 6, "feature_table": 6,
     "index": 7, "probe": 7, "viz": 7,
-    "serve": 8, "train": 8,
+    "serve": 8, "serve_http": 8, "train": 8,
     "cli": 9,
 }
 
