@@ -92,10 +92,11 @@ class ServeOptions:
         return int(self.max_body_mb * (1 << 20))
 
     def connection_limits(self) -> ConnectionLimits:
-        """The limits of `serve_http.py`; a body over the limit may be read and discarded up to its size again."""
+        """The limits of `serve_http.py`: the rest of a refused body is discarded within the bounds of a body (at
+        least 1 MiB, at most --timeout-read seconds)."""
         return ConnectionLimits(keep_alive=self.timeout_keep_alive, read=self.timeout_read,
                                 max_connections=self.max_connections,
-                                linger_bytes=max(self.max_body_bytes, 1 << 20))
+                                linger_bytes=max(self.max_body_bytes, 1 << 20), linger_seconds=self.timeout_read)
 
     def extract_options(self) -> ExtractOptions:
         """The options an `internvit extract` run with the same features would take."""

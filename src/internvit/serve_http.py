@@ -36,7 +36,7 @@ class ConnectionLimits:
     read: float = 30.0  # from a request's first byte until its last (headers and body)
     max_connections: int = 512
     linger_bytes: int = 1 << 20
-    linger_seconds: float = 10.0
+    linger_seconds: float = 30.0
 
     def protocol(self):
         """The protocol class for `uvicorn.Config(http=...)`."""
