@@ -442,6 +442,7 @@ def test_idle_and_slow_connections_are_closed(guarded):
     assert httpx.get(f"{guarded}/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_small_request_is_not_starved_by_big_ones(tiny_ckpt):
     """Two 256-image requests in flight: a 1-image request waits about one forward, and memory stays bounded."""
     big, small = {"input": [tiny_png(i) for i in range(256)]}, {"input": [tiny_png(1000)]}
