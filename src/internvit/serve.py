@@ -93,10 +93,10 @@ class ServeOptions:
 
     def connection_limits(self) -> ConnectionLimits:
         """The limits of `serve_http.py`: the rest of a refused body is discarded within the bounds of a body (at
-        least 1 MiB, at most --timeout-read seconds)."""
+        least 16 MiB, more than a client's socket buffers hold; at most --timeout-read seconds)."""
         return ConnectionLimits(keep_alive=self.timeout_keep_alive, read=self.timeout_read,
                                 max_connections=self.max_connections,
-                                linger_bytes=max(self.max_body_bytes, 1 << 20), linger_seconds=self.timeout_read)
+                                linger_bytes=max(self.max_body_bytes, 16 << 20), linger_seconds=self.timeout_read)
 
     def extract_options(self) -> ExtractOptions:
         """The options an `internvit extract` run with the same features would take."""
@@ -336,7 +336,8 @@ class Engine:
                 batch = self._next_batch()
             if batch is None:
                 return
-            self._run(*batch)
+            if batch[0]:  # empty when the lanes it waited for closed meanwhile
+                self._run(*batch)
 
     def _next_batch(self) -> tuple[list[_Job], FeatureRequest, int] | None:
         """The items of the next forward, the features they want and how many requests they serve (None: stop).
