@@ -265,8 +265,8 @@ def markdown(report: dict) -> str:
         "",
     ]
     if "batching" in report:
-        lines += ["| server | clients | tiles/s | vs offline | p50 s | p99 s | mean forward s | p50 / forward | 503 share |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| server | clients | tiles/s | vs offline | p50 s | p99 s | mean forward s | p50 / forward "
+                  "| 503 share |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ("batching", "no batching"):
         for r in report.get(name, ()):
             fwd = r["forward_s"]

@@ -35,7 +35,7 @@ class ConnectionLimits:
     keep_alive: float = 5.0  # idle: after accept or after a response, until a request's first byte
     read: float = 30.0  # from a request's first byte until its last (headers and body)
     max_connections: int = 512
-    linger_bytes: int = 1 << 20
+    linger_bytes: int = 16 << 20
     linger_seconds: float = 30.0
 
     def protocol(self):

@@ -371,7 +371,8 @@ def test_oversized_body_gets_413_that_every_client_sees(guarded, photos, tmp_pat
 
     r = httpx.post(f"{guarded}/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.headers["connection"] == "close"
-    chunked = httpx.post(f"{guarded}/v1/embeddings", content=iter([body[i:i + 8192] for i in range(0, len(body), 8192)]))
+    pieces = [body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)]  # no length: chunked, counted as it comes
+    chunked = httpx.post(f"{guarded}/v1/embeddings", content=iter(pieces))
     assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "request_too_large"
 
     (tmp_path / "body.json").write_bytes(body)
