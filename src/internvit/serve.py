@@ -17,10 +17,10 @@ request's memory is bounded whatever its size), and queued in the lane. One enco
 across the lanes that want the same features (layers, patch and visual tokens), one item per lane in turn, up to
 `max_batch_tiles` tiles, waiting at most `max_wait_ms` for more after the first, and runs them in one forward
 (`encode_tiles` splits it in micro-batches); so a 1-image request waits about one forward behind a 256-image one,
-not for all of it. A request's rows are all it keeps of an encoded item. Admission is bounded: at most `max_queue`
-requests are in the server at once; the next gets 503 with `Retry-After` at once, never an unbounded wait. A
-request's tiles are capped (`max_request_tiles`, 413 past it). Connections have an idle timeout, a read deadline and
-a cap (`serve_http.py`).
+not for all of it. A request's rows are all it keeps of an encoded item; a client that disconnects stops its
+request's work. Admission is bounded: at most `max_queue` requests are in the server at once; the next gets 503
+with `Retry-After` at once, never an unbounded wait. A request's tiles are capped (`max_request_tiles`, 413 past
+it). Connections have an idle timeout, a read deadline and a cap (`serve_http.py`).
 
 Differs from OpenAI: `input` holds images (data URLs or bare base64), never text, paths or URLs (the server reads
 no files and fetches nothing: no path traversal, no SSRF); `usage` counts the encoder's tokens (1025 per
@@ -507,8 +507,9 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
             raise _HTTPError(400, "the client disconnected before sending the whole body") from None
         return parse_json(bytes(body))
 
-    async def compute(payload: dict, want: FeatureRequest) -> tuple[list[dict], int]:
-        """The rows of a request's images, and the tokens the encoder saw for them."""
+    async def compute(request: Request, payload: dict, want: FeatureRequest) -> tuple[list[dict], int]:
+        """The rows of a request's images, and the tokens the encoder saw for them; a client that disconnects
+        meanwhile stops its request's work (its queued images are dropped)."""
         eng: Engine = state["engine"]
         inputs = payload.get("input")
         if isinstance(inputs, str):
@@ -524,7 +525,18 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
                              "server_overloaded", headers={"Retry-After": "1"})
         try:
             datas = [decode_image_input(i, v) for i, v in enumerate(inputs)]
-            rows, tokens = await eng.encode(datas, want)
+            work = asyncio.ensure_future(eng.encode(datas, want))
+            watch = asyncio.ensure_future(request.receive())  # the body is read: the next message is a disconnect
+            try:
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done() and not watch.cancelled() and watch.exception() is None \
+                        and watch.result()["type"] == "http.disconnect":
+                    eng.metrics.rejected.labels("disconnected").inc()
+                    raise _HTTPError(400, "the client disconnected")  # nobody reads it
+                rows, tokens = await work
+            finally:
+                watch.cancel()
+                work.cancel()
         except BadInput as e:
             eng.metrics.rejected.labels("bad_input").inc()
             raise _HTTPError(400, str(e), param=str(e).split(":")[0]) from None
@@ -550,7 +562,7 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             raise _HTTPError(400, f"model must be a string, got {_shown(model)}", param="model")
-        rows, tokens = await compute(payload, FeatureRequest())
+        rows, tokens = await compute(request, payload, FeatureRequest())
         data = []
         for i, row in enumerate(rows):
             vec = np.asarray(row["cls"], dtype=np.float32)
@@ -579,7 +591,7 @@ def build_app(options: ServeOptions, *, engine: Engine | None = None):
                 raise _HTTPError(400, f"{name} must be true or false, got {_shown(flags[name])}", param=name)
         want = FeatureRequest(layers, **flags)
         fmt = _choice(payload, "format", ("json", "arrow"))
-        rows, _ = await compute(payload, want)
+        rows, _ = await compute(request, payload, want)
         for i, row in enumerate(rows):
             row["index"] = i
             row.pop("path"), row.pop("error"), row.pop("frame_indices")
