@@ -107,11 +107,17 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def read_errors(out: str | os.PathLike) -> list[tuple[str, str]]:
-    """(path, error) of every error row of an output (a Parquet file or a folder of shards), in file order."""
-    table = pq.read_table(out, columns=["path", "error"])
-    table = table.filter(table.column("error").is_valid())
-    return list(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
+def read_errors(out: str | os.PathLike) -> tuple[int, list[tuple[str, str]]]:
+    """The number of rows of an output (a Parquet file or a folder of shards) and (path, error) of each error
+    row, in file order. Raises `FileNotFoundError` or `ValueError` naming `out` when it is not such an output."""
+    try:
+        table = pq.read_table(out, columns=["path", "error"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out}: no such file or folder") from None
+    except (pa.ArrowException, OSError) as e:  # not Parquet, or Parquet without our columns
+        raise ValueError(f"{out}: not an output of internvit extract ({' '.join(str(e).split())})") from None
+    errors = table.filter(table.column("error").is_valid())
+    return table.num_rows, list(zip(errors.column("path").to_pylist(), errors.column("error").to_pylist()))
 
 
 def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: bool = False,
