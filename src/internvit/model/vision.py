@@ -79,13 +79,21 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def randn(*shape: int) -> torch.Tensor:
+    """`torch.randn(*shape)` (the same draws), except on the meta device, where nothing is drawn: torch's meta
+    kernels for randn, normal_ and mul are Python functions whose first call imports torch._dynamo (~1.5 s), the
+    bulk of a fresh process's `from_pretrained`."""
+    x = torch.empty(*shape)
+    return x if x.is_meta else x.normal_()
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
         self.grid_size = config.grid_size
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.class_embedding = nn.Parameter(randn(1, 1, config.hidden_size))
         self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Parameter(torch.randn(1, config.num_positions, config.hidden_size))
+        self.position_embedding = nn.Parameter(randn(1, config.num_positions, config.hidden_size))
 
     def _patch_position_embedding(self, h: int, w: int) -> torch.Tensor:
         pos_1MC = self.position_embedding[:, 1:]
@@ -220,8 +228,8 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.norm1 = make_norm(config, C)
         self.norm2 = make_norm(config, C)
-        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(C))
-        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(C))
+        self.ls1 = nn.Parameter(torch.full((C,), config.initializer_factor))  # not factor * ones: see `randn`
+        self.ls2 = nn.Parameter(torch.full((C,), config.initializer_factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # `.to(x.dtype)` after the norms matters under autocast (HEAD code, spec §2.5.3).
