@@ -246,7 +246,7 @@ def test_extract_backends_agree_and_never_mix(tiny_ckpt, images, tmp_path, monke
         assert s.ok and s.backend == backend and s.precision == "fp32"
         t = pq.read_table(s.out)
         meta = json.loads(t.schema.metadata[b"internvit"])
-        assert meta["backend"] == backend and meta["precision"] == "fp32"
+        assert (meta["backend"], meta["compute_precision"], meta["stored_dtype"]) == (backend, "fp32", "float32")
         tables[backend] = t
     for backend in ("openvino", "onnxruntime"):
         for col in ("cls", "mean", "cls_l1", "patch_tokens"):

@@ -236,6 +236,24 @@ def test_resume_refuses_other_weights_and_preprocessing(photos, tmp_path, capsys
     assert len(rows(out)) == 4
 
 
+def test_resume_of_an_output_of_an_earlier_version(tiny_ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "f.parquet"
+    args = ["extract", str(photos), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "0", "--quiet"]
+    assert run_main(capsys, *args, "--dtype", "bf16")[0] == 0
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"internvit"])
+    assert (meta["compute_precision"], meta["stored_dtype"]) == ("bf16", "float32")
+    assert table.schema.field("cls").type.value_type == pa.float32()
+    # as versions before `compute_precision` wrote it: `dtype` the torch model's, no backend, no precision
+    old = {k: v for k, v in meta.items() if k not in ("backend", "compute_precision", "stored_dtype")}
+    old["dtype"] = "bfloat16"
+    pq.write_table(table.replace_schema_metadata({b"internvit": json.dumps(old).encode()}), out)
+    rc, err = run_main(capsys, *args, "--dtype", "bf16")
+    assert rc == 0 and "4 already done" in err
+    rc, err = run_main(capsys, *args, "--dtype", "fp32")
+    assert rc == 2 and "compute_precision: file has 'bf16', this run 'fp32'" in one_line_error(err)
+
+
 def test_fingerprint_sees_content_not_names(tmp_path):
     from internvit.weights import files_fingerprint
 
