@@ -302,9 +302,10 @@ def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     # Only the pooled columns are searched: patch and visual tokens are not extracted for queries.
     layers = sorted({int(c.split("_l", 1)[1]) for c in feature_columns(index.feature) if "_l" in c})
     options.setdefault("progress", False)
-    extract_features(images, out, model=model, dtype=meta.get("compute_precision", "bf16"), tiles=meta.get("tiles", "none"),
-                     max_tiles=meta.get("max_tiles") or 12, frames=meta.get("frames", 8), layers=layers,
-                     exif_transpose=meta.get("exif_transpose", True), **options)
+    extract_features(images, out, model=model, dtype=meta.get("compute_precision", "bf16"),
+                     tiles=meta.get("tiles", "none"), max_tiles=meta.get("max_tiles") or 12,
+                     frames=meta.get("frames", 8), layers=layers, exif_transpose=meta.get("exif_transpose", True),
+                     **options)
 
 
 def search(index_dir: str | os.PathLike, queries, *, k: int = 10, **extract_options):

@@ -242,7 +242,7 @@ def test_drop_path_rates_are_linspace_floats():
 
 def test_init_draws_as_the_official_code(tiny_config):
     # modeling_intern_vit.py: class_embedding = randn, then the patch Conv2d, then position_embedding = randn;
-    # ls1/ls2 = initializer_factor * ones. Ours skips the draws on the meta device only (`vision.randn`).
+    # ls1/ls2 = initializer_factor * ones. Ours skips the draws on the meta device only (`randn_unless_meta`).
     C = tiny_config.hidden_size
     torch.manual_seed(5)
     cls = torch.randn(1, 1, C)
