@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("errors", help="list the failed inputs of an extract output, with their reasons",
                        description="Print `path<TAB>reason` for every error row of an output written by "
-                       "`internvit extract` (a Parquet file, or a folder of shards from --engine ray).")
+                       "`internvit extract` (a Parquet file, or a folder of shards from --engine ray), then "
+                       "how many rows it holds and how many failed (on stderr).")
     p.add_argument("out", help="the --out of the extract run")
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
@@ -333,8 +334,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "errors":
         from internvit.extract.store import read_errors
 
-        for path, error in read_errors(args.out):
+        rows, errors = read_errors(args.out)
+        for path, error in errors:
             print(f"{path}\t{' '.join(error.split())}")
+        print(f"{args.out}: {rows} rows read, {len(errors) or 'none'} failed", file=sys.stderr)
         return 0
     if args.command in ("probe", "index", "search", "dedup", "viz"):
         return _analysis(args)
@@ -383,7 +386,7 @@ def _show_failures(out, failed: int) -> None:
         return
     from internvit.extract.store import read_errors
 
-    errors = read_errors(out)
+    errors = read_errors(out)[1]
     print(f"failed inputs ({len(errors)}):", file=sys.stderr)
     for _, error in errors[:SHOWN_ERRORS]:
         print(f"  {' '.join(error.split())}", file=sys.stderr)

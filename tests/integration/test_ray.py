@@ -167,7 +167,7 @@ def test_ray_engine_runs_an_openvino_export(ray_address, tiny_ckpt, photo_dir, t
     assert (s.processed, s.failed) == (local.processed, local.failed)
     table = pq.read_table(tmp_path / "ray_ov")
     meta = json.loads(table.schema.metadata[b"internvit"])
-    assert (meta["backend"], meta["precision"]) == ("openvino", "fp32")
+    assert (meta["backend"], meta["compute_precision"], meta["stored_dtype"]) == ("openvino", "fp32", "float32")
     ray_rows, local_rows = rows_by_path(table), rows_by_path(pq.read_table(local.out))
     assert set(ray_rows) == set(local_rows)
     for path, want in local_rows.items():

@@ -330,8 +330,7 @@ def output_schema(options: ExtractOptions, loaded: LoadedModel):
     width = loaded.projector.config.llm_hidden_size if loaded.projector is not None else 4 * config.hidden_size
     metadata = {
         "model": loaded.source, "weights_fingerprint": loaded.fingerprint,
-        "dtype": str(loaded.vit.dtype).removeprefix("torch."), "backend": loaded.backend,
-        "precision": loaded.precision, "layers": list(layers),
+        "backend": loaded.backend, "compute_precision": loaded.precision, "layers": list(layers),
         "patch_tokens": bool(options.patch_tokens), "visual_tokens": bool(options.visual_tokens),
         "projector": model_name(options.projector) if options.projector is not None else None,
         "tiles": options.tiles, "max_tiles": options.max_tiles if options.tiles == "dynamic" else None,
