@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
                        description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
                        "what is trainable, the learning rate, warmup, weight decay and drop-path (docs/training.md, "
-                       "the stage table); every option can be overridden with --set KEY=VALUE. Rerunning the same "
+                       "\"Stages\"); every option can be overridden with --set KEY=VALUE. Rerunning the same "
                        "command resumes from RUN/last/ (saved every save_every steps and on Ctrl-C); "
                        "docs/training.md, \"Run folders and resuming\".")
     p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])

@@ -372,8 +372,15 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             record["changes"] = changes
         (run / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     name = getattr(dataset, "sample_name", lambda i: f"sample {i}")
+    listed = set()  # (sample, epoch): a line repeated by repeat_time is listed once per epoch
+    if (run / "skipped.jsonl").exists():
+        rows = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines() if line.strip()]
+        listed = {(r["sample"], r["epoch"]) for r in rows if "epoch" in r}
 
     def on_skip(key: tuple[int, int], error: ValueError) -> None:
+        if (name(key[0]), key[1]) in listed:
+            return
+        listed.add((name(key[0]), key[1]))
         row = {"sample": name(key[0]), "reason": getattr(error, "reason", "unusable"), "error": str(error),
                "epoch": key[1], "step": step + 1}
         if world > 1:
