@@ -94,33 +94,30 @@ def test_data_check_length_budget_with_a_tokenizer(tmp_path):
     assert not ok.problems
 
 
-def test_data_check_lists_the_first_20_and_names_a_missing_root_or_annotation_once(tmp_path):
-    def check(meta: dict) -> subprocess.CompletedProcess:
-        (tmp_path / "meta.json").write_text(json.dumps(meta))
-        return subprocess.run([sys.executable, "-m", "internvit.cli", "data", "check", "meta.json"],
-                              capture_output=True, text=True, cwd=tmp_path)
+def test_data_check_lists_the_first_20_and_names_a_missing_root_or_annotation_once(tmp_path, monkeypatch, capsys):
+    from internvit.cli import main
 
+    def check(meta: dict | str) -> tuple[int, list[str]]:
+        (tmp_path / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+        rc = main(["data", "check", "meta.json"])
+        return rc, capsys.readouterr().out.splitlines()
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "media").mkdir()
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"gone{i}.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": f"Thing {i}."}]}) + "\n"
                                               for i in range(25)))
-    proc = check({"d": {"root": "media", "annotation": "d.jsonl"}})
-    assert proc.returncode == 1
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "d: 25 samples, 0 kept; missing_media 25"
+    rc, lines = check({"d": {"root": "media", "annotation": "d.jsonl"}})
+    assert rc == 1 and lines[0] == "d: 25 samples, 0 kept; missing_media 25"
     assert lines[1] == f"  d.jsonl:1: missing_media {os.path.join('media', 'gone0.jpg')}"
     assert len(lines) == 1 + 20 + 1 and lines[-1] == "  … and 5 more (--fix OUT writes them all)"
-    proc = check({"d": {"root": "no_such_folder", "annotation": "d.jsonl"}})
-    assert proc.returncode == 1
-    assert proc.stdout.splitlines()[1:] == ["  d: root no_such_folder does not exist (the media paths of d.jsonl are "
-                                            "relative to it)"]
-    proc = check({"d": {"root": "media", "annotation": "nothing.jsonl"}})
-    assert proc.returncode == 1
-    assert proc.stdout.splitlines()[1:] == ["  d: annotation file nothing.jsonl does not exist"]
-    (tmp_path / "meta.json").write_text("{not json")
-    proc = subprocess.run([sys.executable, "-m", "internvit.cli", "data", "check", "meta.json"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    rc, lines = check({"d": {"root": "no_such_folder", "annotation": "d.jsonl"}})
+    assert rc == 1 and lines[1:] == ["  d: root no_such_folder does not exist (the media paths of d.jsonl are "
+                                     "relative to it)"]
+    rc, lines = check({"d": {"root": "media", "annotation": "nothing.jsonl"}})
+    assert rc == 1 and lines[1:] == ["  d: annotation file nothing.jsonl does not exist"]
+    rc, lines = check("{not json")
+    assert rc == 2 and lines == [] and len(capsys.readouterr().err.strip().splitlines()) <= 1
 
 
 def test_help_texts_name_the_docs_and_print_percent_signs(capsys):

@@ -533,21 +533,23 @@ def test_interrupt_saves_the_finished_steps_and_the_rerun_resumes_them(parts, tm
     """Ctrl-C between save_every steps: last/ gets the last finished step, the rerun says where it resumes and
     continues with the losses of an uninterrupted run; log.jsonl holds each step once, also after a kill that left
     rows past the saved step."""
-    cfg = STAGES["2"](max_steps=5, lr=0.01, warmup_steps=1, save_every=100, batch_size=2, data_threads=0, pack=False)
+    cfg = STAGES["2"](max_steps=5, lr=0.01, warmup_steps=1, save_every=100, data_threads=0, pack=False)
+    one = parts / "one_meta.json"
     model, tok = fresh(parts)
-    straight = train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "a", progress=False)
+    straight = train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "a", progress=False)
     said = []
     model, tok = fresh(parts)
     with pytest.raises(KeyboardInterrupt):  # while loading step 4's batch
-        train(model, tok, Counted(dataset(parts, model, tok), 3 * cfg.batch_size), cfg, tmp_path / "b",
-              progress=False, log=said.append)
+        train(model, tok, Counted(dataset(parts, model, tok, one), 3), cfg, tmp_path / "b", progress=False,
+              log=said.append)
     assert said == [f"saved step 3 to {tmp_path / 'b' / 'last'}; rerun the same command to resume"]
     assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["step"] == 3
     with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a kill -9 after step 4 was logged but not saved
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     said.clear()
     model, tok = fresh(parts)
-    resumed = train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "b", progress=False, log=said.append)
+    resumed = train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "b", progress=False,
+                    log=said.append)
     assert said == [f"resuming {tmp_path / 'b'} from step 3"]
     assert [r["step"] for r in resumed] == [4, 5]
     for a, b in zip(straight[3:], resumed):
@@ -556,7 +558,8 @@ def test_interrupt_saves_the_finished_steps_and_the_rerun_resumes_them(parts, tm
     assert logged == [1, 2, 3, 4, 5]
     said.clear()  # a finished run is left as it is
     final = (tmp_path / "b" / "final" / "model.safetensors").stat().st_mtime_ns
-    assert train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "b", progress=False, log=said.append) == []
+    assert train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "b", progress=False,
+                 log=said.append) == []
     assert said == [f"{tmp_path / 'b'} finished at step 5 (final/, vision/); nothing to do"]
     assert (tmp_path / "b" / "final" / "model.safetensors").stat().st_mtime_ns == final
 
