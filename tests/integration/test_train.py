@@ -271,7 +271,7 @@ import faulthandler, json, os, sys, torch
 faulthandler.enable()  # a native crash of a rank prints where it happened
 from pathlib import Path
 from internvit.train.data import ConversationDataset, load_meta
-from internvit.train.loop import build_model, lr_factor, skipped_summary, train
+from internvit.train.loop import build_model, train
 from internvit.train.stages import STAGES
 parts, meta, out, bs, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 lora = 4 if mode == "fsdp+lora" else 0

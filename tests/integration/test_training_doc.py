@@ -71,5 +71,6 @@ def test_worked_example_then_chat_gives_the_trained_answers(tmp_path):
     (python,) = section_blocks("Chat with the trained model", "python")
     out = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "You are using a model of type" not in out.stderr
     assert out.stdout.splitlines() == ["An astronaut in a white suit.", "It turns from blue to red.",
                                        str(["A cat and a rocket.", "Coffee with milk foam."])]

@@ -373,7 +373,7 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         (run / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     name = getattr(dataset, "sample_name", lambda i: f"sample {i}")
     listed = set()  # (sample, epoch): a line repeated by repeat_time is listed once per epoch
-    if (run / "skipped.jsonl").exists():
+    if rank == 0 and (run / "skipped.jsonl").exists():  # read after the rows past the saved step are dropped
         rows = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines() if line.strip()]
         listed = {(r["sample"], r["epoch"]) for r in rows if "epoch" in r}
 
