@@ -625,3 +625,28 @@ def test_cli_sigterm_saves_last_and_a_rerun_with_other_options_or_stage_is_refus
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert expected in done.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_chat_defaults_to_the_tile_budget_and_frames_the_checkpoint_was_trained_with(parts, tmp_path, monkeypatch):
+    """config.json records max_dynamic_patch (InternVL's key) and the training frame counts; chat() takes them.
+    Tiles counted by hand with InternVL's dynamic_preprocess for 56-px tiles: the 512x512 astronaut with 4 tiles
+    is 2x2 + thumbnail (with 12: 3x3 + thumbnail); chelsea (451x300) and rocket (640x427) share 4 as 2 each:
+    2x1 + thumbnail and 1x1. The 12-frame GIF gives min_num_frame frames."""
+    model, tok = fresh(parts)
+    model.max_dynamic_patch, model.min_num_frame, model.max_num_frame = 4, 8, 16
+    model.save_pretrained(tmp_path / "chat", tokenizer=tok)
+    config = json.loads((tmp_path / "chat" / "config.json").read_text())
+    assert (config["max_dynamic_patch"], config["min_num_frame"], config["max_num_frame"]) == (4, 8, 16)
+    chat = internvit.InternVLChatModel.from_pretrained(tmp_path / "chat")
+    tok = chat.load_tokenizer(tmp_path / "chat")
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda tokenizer, pixels, prompts, **kw: seen.append((pixels, prompts))
+                        or [""] * len(prompts))
+    images = EXAMPLES / "images"
+    chat.chat(tok, images / "astronaut.jpg", "Who?")
+    chat.chat(tok, images / "astronaut.jpg", "Who?", max_tiles=12)
+    chat.chat(tok, [images / "chelsea.jpg", images / "rocket.jpg"], "What?")
+    chat.chat(tok, None, "How?", video=EXAMPLES / "train" / "clip.gif")
+    assert [len(pixels) for pixels, _ in seen] == [5, 10, 4, 8]
+    video_prompt = seen[-1][1][0]
+    assert "Frame-8: <img>" in video_prompt and "Frame-9" not in video_prompt
