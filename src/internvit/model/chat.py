@@ -11,7 +11,11 @@ References:
 Differs from InternVL: no remote code of our own and no flash-attn (the LLM is whatever `AutoModelForCausalLM`
 builds, with its own attention); the LLM is imported lazily (`[train]` extra: transformers). An LLM that brings its
 own code (InternLM2.5 in InternVL2_5-8B: `llm_config.auto_map` -> `modeling_internlm2.py` next to config.json) runs
-only with `trust_remote_code=True`, and `save_pretrained` copies that code into the chat checkpoint.
+only with `trust_remote_code=True`, and `save_pretrained` copies that code into the chat checkpoint. `chat()`
+defaults to the tile budget the checkpoint records (`max_dynamic_patch`, which training sets to its data's; InternVL's
+`chat()` takes 12 unless told), shared by the images of a question as in training (InternVL's model card tiles each
+image up to the budget), and reads a video's frames as training does with `sample='middle'` (`Frame-i:`, as the
+training prompts; the model card uses `get_index` and `Frame{i}:`).
 """
 
 from __future__ import annotations

@@ -130,9 +130,9 @@ class MicroBatches:
 
     A sample that raises `SampleError` (unreadable media, placeholder mismatch, truncated image tokens) or another
     ValueError is reported through `on_skip((index, epoch), error)` once and replaced by the next one of the
-    stream; a stream in which a whole epoch's worth of samples in a row fails is an error. `state_dict()` is the data position (items
-    consumed and pending pack buffers): saved with a checkpoint, it lets a resumed run continue with exactly the
-    same batches.
+    stream; a stream in which a whole epoch's worth of samples in a row fails is an error. `state_dict()` is the
+    data position (items consumed and pending pack buffers): saved with a checkpoint, it lets a resumed run
+    continue with exactly the same batches.
 
     Args:
         dataset: a `ConversationDataset` (anything with a length whose `dataset[(index, epoch)]` is a sample).

@@ -294,8 +294,9 @@ def skipped_summary(run_dir: str | os.PathLike) -> str | None:
         return None
     reasons = Counter(r.get("reason", "unusable") for r in {r.get("sample"): r for r in rows}.values())
     samples = len({r.get("sample") for r in rows})
-    return (f"skipped {samples} sample{'s' * (samples != 1)} ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}"
-            f"), {len(rows)} time{'s' * (len(rows) != 1)} over the epochs: see {path}")
+    why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    return (f"skipped {samples} sample{'s' * (samples != 1)} ({why}), {len(rows)} time{'s' * (len(rows) != 1)} "
+            f"over the epochs: see {path}")
 
 
 def _keep_rows(path: Path, up_to: int) -> None:
