@@ -482,7 +482,7 @@ def _train(args: argparse.Namespace) -> int:
                  resume_changes=args.resume_changes, log=lambda line: print(f"internvit train: {line}",
                                                                             file=sys.stderr))
     if rows:
-        print(f"stage {cfg.stage}: steps {rows[0]['step']}-{rows[-1]['step']} of {cfg.max_steps}, loss "
+        print(f"stage {cfg.stage}: {len(rows)} steps ({rows[0]['step']}-{rows[-1]['step']} of {cfg.max_steps}), loss "
               f"{rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; run folder {args.out}: final/ (the chat "
               f"checkpoint, fp32), vision/ (the ViT, {cfg.save_dtype}; --set save_dtype=fp32 keeps fp32)",
               file=sys.stderr)
