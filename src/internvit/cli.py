@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the tile budget and frame count it was trained with unless --max-tiles / --frames say "
                        "otherwise.")
     p.add_argument("checkpoint", metavar="CHAT_CKPT")
-    p.add_argument("media", nargs="*", metavar="IMAGE...|VIDEO")
+    p.add_argument("media", nargs="*", metavar="IMAGE|VIDEO",
+                   help="images, or one video (a video file, an animated GIF, a folder of frames)")
     p.add_argument("question", metavar="QUESTION")
     p.add_argument("--max-tiles", type=_tile_budget, help="tiles of a question's images together (default: trained)")
     p.add_argument("--frames", type=_positive, help="frames of a video (default: trained)")
