@@ -9,6 +9,8 @@ the finished rows saved. `--debug` shows the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 
@@ -16,6 +18,7 @@ from internvit import __version__
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL, REGISTRY
 
 SHOWN_ERRORS = 10  # failed inputs listed at the end of `extract`
+SHOWN_PROBLEMS = 20  # problems listed by `data check`
 
 
 class Terminated(KeyboardInterrupt):
@@ -137,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
                        description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
-                       "what is trainable, the learning rate, warmup, weight decay and drop-path (spec §6.1); every "
-                       "option can be overridden with --set KEY=VALUE. Rerunning with the same --out resumes.")
+                       "what is trainable, the learning rate, warmup, weight decay and drop-path (docs/training.md, "
+                       "\"Stages\"); every option can be overridden with --set KEY=VALUE. Rerunning the same "
+                       "command resumes from RUN/last/ (saved every save_every steps and on Ctrl-C); "
+                       "docs/training.md, \"Run folders and resuming\".")
     p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])
     p.add_argument("--meta", required=True, help="meta JSON: {name: {root, annotation, ...}}")
     p.add_argument("--llm", help="Hugging Face causal LM (id or folder) to build the model around")
@@ -152,21 +157,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=_positive)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack samples into rows of up to max_packed_tokens tokens and max_packed_tiles tiles, as "
-                   "InternVL 2.5's stage scripts do (spec §6.4; the default); --batch-size then counts packs. "
+                   "InternVL 2.5's stage scripts do (the default; docs/training.md, \"Scale\"); --batch-size then "
+                   "counts packs. "
                    "--no-pack: one padded sample per row")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the LLM and ViT layers over the processes (FSDP) instead of DDP")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume-changes", action="store_true",
+                   help="resume RUN with options that differ from its train_config.json, applied from the resumed step")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("chat", help="ask a trained chat checkpoint about images or a video",
+                       description="Answer QUESTION about the images (or one video: a video file, an animated GIF or "
+                       "a folder of frames) with a chat checkpoint such as RUN/final, its tokenizer included, with "
+                       "the tile budget and frame count it was trained with unless --max-tiles / --frames say "
+                       "otherwise.")
+    p.add_argument("checkpoint", metavar="CHAT_CKPT")
+    p.add_argument("media", nargs="*", metavar="IMAGE|VIDEO",
+                   help="images, or one video (a video file, an animated GIF, a folder of frames)")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--max-tiles", type=_tile_budget, help="tiles of a question's images together (default: trained)")
+    p.add_argument("--frames", type=_positive, help="frames of a video (default: trained)")
+    p.add_argument("--system", help="system prompt (default: InternVL 2.5's)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
 
     p = sub.add_parser("data", help="training data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="report (and with --fix drop) samples that fail the data quality checks",
                             description="Check every dataset of a meta JSON: missing or unreadable media, "
                             "placeholder/image mismatches, samples over the length budget (with --tokenizer), "
-                            "repetitive answers (10-gram repetition > 40%%), empty and duplicate answers and "
-                            "duplicate samples. Exit status 1 when anything was found.")
+                            "repetitive answers (10-gram repetition > 40%), empty and duplicate answers and "
+                            "duplicate samples, one line each (the first 20; --fix OUT writes them all). Exit status "
+                            "0: no problems; 1: problems found (listed); 2: the meta JSON cannot be read.")
     p.add_argument("meta")
     p.add_argument("--fix", metavar="OUT", help="write the kept samples, a new meta.json and report.json to OUT")
     p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
@@ -343,6 +367,8 @@ def _run(args: argparse.Namespace) -> int:
         return _analysis(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "chat":
+        return _chat(args)
     if args.command == "data":
         return _data_check(args)
     if args.command == "init":
@@ -407,9 +433,28 @@ def _data_check(args: argparse.Namespace) -> int:
     for r in reports:
         found = ", ".join(f"{k} {v}" for k, v in sorted(r.problems.items())) or "no problems"
         print(f"{r.name}: {r.samples} samples, {r.kept} kept; {found}")
+    issues = [(r.name, i) for r in reports for i in r.issues]
+    for name, i in issues[:SHOWN_PROBLEMS]:
+        if i.reason == "missing_annotation":
+            print(f"  {name}: annotation file {_shown(i.file)} does not exist")
+        elif i.reason == "missing_root":
+            print(f"  {name}: root {_shown(i.path)} does not exist (the media paths of {_shown(i.file)} are "
+                  "relative to it)")
+        else:
+            sample = f" (id {i.id})" if i.id is not None else ""
+            print(f"  {_shown(i.file)}:{i.line}{sample}: {i.reason}" + (f" {_shown(i.path)}" if i.path else ""))
+    if len(issues) > SHOWN_PROBLEMS:
+        where = f"all in {args.fix}/report.json" if args.fix else "--fix OUT writes them all"
+        print(f"  … and {len(issues) - SHOWN_PROBLEMS} more ({where})")
     if args.fix:
         print(f"wrote the kept samples, meta.json and report.json to {args.fix}", file=sys.stderr)
     return 1 if any(r.problems for r in reports) else 0
+
+
+def _shown(path: str) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -418,8 +463,9 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from internvit.model.chat import quiet_transformers
     from internvit.train.data import ConversationDataset, load_meta
-    from internvit.train.loop import build_model, train
+    from internvit.train.loop import build_model, check_run, skipped_summary, train
     from internvit.train.stages import STAGES, TrainConfig
 
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "batch_size": args.batch_size,
@@ -433,21 +479,62 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--set {item}: unknown option {key!r}; options: {', '.join(sorted(types))}")
         overrides[key] = json.loads(value) if value[:1] in "[{tf0123456789-." and value not in ("", "-") else value
     cfg = STAGES[args.stage](**overrides)
+    source = {"llm": args.llm, "vision": args.vision, "init": args.init}
+    check_run(args.out, cfg, source=source, resume_changes=args.resume_changes)  # before anything is loaded
     torch.manual_seed(cfg.seed)  # a fresh mlp1 is random: the same seed, the same run
-    model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
-                                   trust_remote_code=args.trust_remote_code,
-                                   shrink_embeddings=cfg.shrink_embeddings)
+    with quiet_transformers() if args.quiet else contextlib.nullcontext():
+        model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
+                                       trust_remote_code=args.trust_remote_code,
+                                       shrink_embeddings=cfg.shrink_embeddings)
     max_seq_length = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.pack else cfg.max_seq_length
     dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
                                   num_image_token=model.num_image_token, max_seq_length=max_seq_length,
                                   tile_size=model.vision_model.config.image_size, seed=cfg.seed,
                                   min_num_frame=cfg.min_num_frame, max_num_frame=cfg.max_num_frame,
                                   sampling_method=cfg.sampling_method)
-    rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet)
+    rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet, source=source,
+                 resume_changes=args.resume_changes, log=lambda line: print(f"internvit train: {line}",
+                                                                            file=sys.stderr))
     if rows:
-        print(f"stage {cfg.stage}: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
-              f"run folder {args.out}", file=sys.stderr)
+        print(f"stage {cfg.stage}: {len(rows)} steps ({rows[0]['step']}-{rows[-1]['step']} of {cfg.max_steps}), loss "
+              f"{rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; run folder {args.out}: final/ (the chat "
+              f"checkpoint, fp32), vision/ (the ViT, {cfg.save_dtype}; --set save_dtype=fp32 keeps fp32)",
+              file=sys.stderr)
+        skipped = skipped_summary(args.out)
+        if skipped:
+            print(f"internvit train: {skipped}", file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from internvit.model.chat import InternVLChatModel, quiet_transformers
+    from internvit.preprocess.video import is_video_name
+
+    media = list(args.media)
+    video = None
+    if len(media) == 1 and (is_video_name(media[0]) or os.path.isdir(media[0]) or _animated(media[0])):
+        video, media = media[0], []
+    elif any(is_video_name(m) or os.path.isdir(m) for m in media):
+        raise ValueError("a question takes images or one video, not both or several videos")
+    with quiet_transformers():
+        model = InternVLChatModel.from_pretrained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+        tokenizer = InternVLChatModel.load_tokenizer(args.checkpoint, trust_remote_code=args.trust_remote_code)
+        kwargs = {"system": args.system} if args.system else {}
+        answer = model.chat(tokenizer, media or None, args.question, video=video, max_tiles=args.max_tiles,
+                            num_frames=args.frames, max_new_tokens=args.max_new_tokens, **kwargs)
+    print(answer)
+    return 0
+
+
+def _animated(path: str) -> bool:
+    """An animated GIF, WebP or PNG: a video for `chat` (InternVL's training reads GIFs as videos)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except OSError:
+        return False
 
 
 def _add_analysis_commands(sub) -> None:

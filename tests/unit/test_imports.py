@@ -31,7 +31,8 @@ def test_loading_imports_no_compiler(tiny_ckpt):
 def test_names_loaded_on_first_use_are_listed_and_resolve():
     import internvit
 
-    lazy = {"from_pretrained", "ImageProcessor", "tile_image", "encode_images", "extract_features", "load_frames"}
+    lazy = {"from_pretrained", "ImageProcessor", "tile_image", "encode_images", "extract_features", "load_frames",
+            "InternVLChatModel"}
     assert lazy <= set(dir(internvit))
     assert all(callable(getattr(internvit, name)) for name in lazy)
     assert internvit.from_pretrained.__module__ == "internvit.backends"
