@@ -542,7 +542,7 @@ def _add_analysis_commands(sub) -> None:
     p = sub.add_parser("probe", help="k-NN or linear probe of labelled features: top-1/top-5, per class, confusion",
                        description="Probe how well the features separate labelled classes. knn: DINOv2's weighted "
                        "k-NN (cosine, k = 10, 20, 100, 200, T = 0.07); linear: logistic regression on standardised "
-                       "features, C chosen on a held-out 10%% of TRAIN. Writes report.json and confusion.png.")
+                       "features, C chosen on a held-out 10% of TRAIN. Writes report.json and confusion.png.")
     p.add_argument("method", choices=["knn", "linear"])
     p.add_argument("--train", required=True, help="feature Parquet file of the training images")
     p.add_argument("--eval", required=True, help="feature Parquet file of the evaluation images")

@@ -129,3 +129,16 @@ def test_help_texts_name_the_docs_and_print_percent_signs(capsys):
     out = capsys.readouterr().out
     assert "40%)" in out and "%%" not in out and "spec §" not in out
     assert 'docs/training.md, "Run folders and resuming"' in " ".join(out.split())
+
+
+def test_no_help_text_prints_a_doubled_percent_sign(capsys):
+    """argparse %-formats `help=` but not `description=`: a `%%` there reaches the user as is."""
+    from internvit.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.choices and "extract" in a.choices)
+    for name, parser in sub.choices.items():
+        nested = [a for a in parser._actions if isinstance(a.choices, dict)]
+        for argv in [[name, "--help"]] + [[name, child, "--help"] for a in nested for child in a.choices]:
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert "%%" not in capsys.readouterr().out, argv
