@@ -31,7 +31,7 @@ METADATA_KEY = b"internvit"
 # Everything that determines a row's features: the weights (by content, see `weights.files_fingerprint`), the model
 # path, the preprocessing (EXIF orientation included) and what is stored.
 COMPATIBLE_KEYS = ("model", "weights_fingerprint", "dtype", "backend", "precision", "layers", "patch_tokens", "visual_tokens", "projector",
-                   "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
+                   "tiles", "max_tiles", "frames", "preprocess", "decode", "exif_transpose", "hidden_size")
 
 
 class OutputMismatchError(ValueError):
@@ -53,9 +53,10 @@ def check_compatible(have: dict, wanted: dict, *, path: object) -> None:
 
 
 def _legacy_defaults(have: dict) -> dict:
-    """Outputs written before backends existed were made by torch in their `dtype`: resuming them still works."""
+    """Outputs written before backends existed were made by torch in their `dtype`, and before `--decode` by exact
+    decoding: resuming them still works."""
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    return {"backend": "torch", "precision": short.get(have.get("dtype"), have.get("dtype"))}
+    return {"backend": "torch", "precision": short.get(have.get("dtype"), have.get("dtype")), "decode": "exact"}
 
 
 def unreadable_output(path: object, error: Exception) -> OutputMismatchError:
@@ -262,6 +263,8 @@ class FeatureStore:
         atomic_write(self.out, write)
         for path in files[1:] if files[0] == self.out else files:
             path.unlink()
+        for tmp in self.parts.glob(".part-*.tmp"):  # a part a killed run was writing (we hold the lock)
+            tmp.unlink()
         try:
             self.parts.rmdir()
         except OSError:
