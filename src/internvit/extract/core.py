@@ -41,6 +41,7 @@ from internvit.preprocess.transforms import _shortest_edge_size
 from internvit.preprocess.video import is_video_name, load_frames
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.runtime import export_format, is_export
+from internvit.sources import Member, read_member
 from internvit.weights import load_checkpoint
 
 TILE_MODES = ("none", "dynamic")
@@ -213,6 +214,14 @@ class Prepare:
             return Item(path, error=f"{path}: {e}")
         except Exception as e:  # a decoder bug must not stop a million-image run
             return Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
+
+    def member(self, path: str, member: Member) -> Item:
+        """An input inside a tar shard: its bytes read at their offset, then prepared as `__call__` does."""
+        try:
+            data = read_member(member)
+        except Exception as e:  # a shard cut inside this member, a vanished file, a network error
+            return Item(path, error=f"{path}: {e}")
+        return self(path, data)
 
     def _video_from_bytes(self, path: str, data: bytes) -> Item:
         """PyAV reads files: spill the bytes to a temporary one, and name `path` in errors."""

@@ -31,21 +31,26 @@ from internvit.extract.core import (
 )
 from internvit.extract.pipeline import Pipeline
 from internvit.extract.store import FeatureStore, output_lock
-from internvit.sources import expand_sources
+from internvit.sources import Inputs, find_inputs
 
 
 LOADER_INPUTS = 4  # inputs per loader task: the loader's unit; tiles of many tasks fill each forward
 
 
 class _Inputs(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], prepare: Prepare) -> None:
-        self.paths, self.prepare = paths, prepare
+    def __init__(self, paths: list[str], inputs: Inputs, prepare: Prepare) -> None:
+        self.paths, self.members, self.errors, self.prepare = paths, inputs.members, inputs.errors, prepare
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
-        return self.prepare(self.paths[i])
+        path = self.paths[i]
+        if path in self.errors:  # a broken tar shard
+            return Item(path, error=self.errors[path])
+        if path in self.members:
+            return self.prepare.member(path, self.members[path])
+        return self.prepare(path)
 
 
 def _collate(items: list[Item]) -> list[Item]:
@@ -67,7 +72,9 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
     """Extract features of every image and video named by `sources` into the Parquet file `out`.
 
     Args:
-        sources: files, folders (recursive), globs or `.txt` list files (see `expand_sources`).
+        sources: files, folders (recursive), globs, `.txt` list files, WebDataset tar shards (files, globs,
+            brace ranges `shard-{00000..00099}.tar`: each image member is an input `SHARD.tar/MEMBER`); see
+            `sources.find_inputs`.
         out: the Parquet file; if it (or its `.parts/` folder) exists, finished inputs are skipped.
         options: what to extract and how (`ExtractOptions`); or give its fields as keywords (`model=...,
             dtype="fp32", tiles="dynamic", layers=(12,), ...`).
@@ -81,7 +88,8 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; the local engine writes one Parquet file (the ray engine "
                          "writes folders)")
-    paths = expand_sources(sources)
+    inputs = find_inputs(sources)
+    paths = inputs.paths
     with output_lock(out):
         t_load = time.perf_counter()
         loaded = load_model(options)
@@ -90,7 +98,7 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         done = store.finished(include_errors=not options.retry_errors)
         todo = [p for p in paths if p not in done]
         loader = torch.utils.data.DataLoader(
-            _Inputs(todo, Prepare.for_model(options, loaded)), batch_size=LOADER_INPUTS,
+            _Inputs(todo, inputs, Prepare.for_model(options, loaded)), batch_size=LOADER_INPUTS,
             num_workers=num_workers, collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
             prefetch_factor=2 if num_workers else None,
         )
