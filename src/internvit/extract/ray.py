@@ -257,7 +257,6 @@ def _input_block(paths: list[str], members: dict, errors: dict):
 def _run(by_path, tables, done, *, members, errors, prepare, options, schema, out, summary, address, num_actors, gpus_per_actor,
          cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
     started, summary.load_seconds = connect(address)
-    import pyarrow as pa
     import ray
     import ray.data
 
