@@ -35,7 +35,14 @@ from internvit.extract.store import feature_schema
 from internvit.features import TiledFeatures
 from internvit.model.projector import Projector, load_projector, unshuffle_tokens
 from internvit.model.vision import InternVisionModel, layer_indices
-from internvit.preprocess import DEFAULT_MAX_PIXELS, ImageLoadError, ImageProcessor, Normalization, open_image, tile_pixels
+from internvit.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    ImageProcessor,
+    Normalization,
+    open_image,
+    tile_pixels,
+)
 from internvit.preprocess.tiling import MAX_TILES, TileLayout, choose_grid, dynamic_tile_pixels
 from internvit.preprocess.transforms import _shortest_edge_size
 from internvit.preprocess.video import is_video_name, load_frames
@@ -430,6 +437,7 @@ class RowEncoder:
         self.visual_layer = layer_indices((select,), L)[0]
         self.wanted = layer_indices((L, *self.layers, self.visual_layer), L)  # the last layer first
         self.device = torch.device(self.vit.device)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.seconds = 0.0  # time in the encoder
         self.tiles = 0
 
@@ -455,7 +463,6 @@ class RowEncoder:
         the host (`Encoded.wait`). Nothing here waits for the device."""
         cuda, uploaded = self.device.type == "cuda", None
         if cuda:  # the copy runs on a side stream, beside the previous batch's forward
-            self._copy_stream = getattr(self, "_copy_stream", None) or torch.cuda.Stream(self.device)
             with torch.cuda.stream(self._copy_stream):
                 x = pixels.to(self.device, non_blocking=True)
                 uploaded = torch.cuda.Event()
@@ -473,13 +480,13 @@ class RowEncoder:
             start += n
         with _device_flags(self.device, self.allow_tf32):
             states = self.vit.forward_intermediates(x_BCSS.to(self.vit.dtype), self.wanted)
-        floats = [s.float() for s in states]
         B, C = x.shape[0], self.vit.config.hidden_size
-        pooled = torch.cat([torch.stack([t[:, 0] for t in floats], 1), torch.stack([t[:, 1:].mean(1) for t in floats], 1)], 1)
-        finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in floats]).all(0)
-        out = {"pooled": torch.cat([pooled.reshape(B, -1), finite[:, None].float()], 1)}  # one copy back
+        cls_BKC = torch.stack([t[:, 0].float() for t in states], 1)
+        mean_BKC = torch.stack([t[:, 1:].mean(1, dtype=torch.float32) for t in states], 1)  # float32 sums
+        finite_B1 = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in states]).all(0)[:, None]
+        out = {"pooled": torch.cat([cls_BKC.reshape(B, -1), mean_BKC.reshape(B, -1), finite_B1.float()], 1)}
         if self.patch_tokens:
-            out["tokens"] = floats[0]
+            out["tokens"] = states[0].float()
         if self.visual_tokens:
             hidden = states[self.wanted.index(self.visual_layer)]
             v = self.projector(hidden) if self.projector is not None else unshuffle_tokens(hidden)

@@ -2,10 +2,10 @@
 
 A thin driver over `extract/core.py` and `extract/pipeline.py`: inputs are prepared (`Prepare`, uint8 tiles) in
 DataLoader worker processes, a few at a time, while the model encodes earlier batches of `batch_size` tiles and
-a writer thread stores the rows of the batch before (`Pipeline`); an input that cannot be read becomes a row with its error and the
-run goes on. Rows are made durable in small part files as they finish (`store.FeatureStore`), so a killed run
-loses at most the last seconds of work, and a rerun with the same output resumes. The output is locked for the
-run (`store.output_lock`).
+a writer thread stores the rows of the batch before (`Pipeline`); an input that cannot be read becomes a row with
+its error and the run goes on. Rows are made durable in small part files as they finish (`store.FeatureStore`),
+so a killed run loses at most the last seconds of work, and a rerun with the same output resumes. The output is
+locked for the run (`store.output_lock`).
 """
 
 from __future__ import annotations

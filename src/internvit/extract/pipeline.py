@@ -86,7 +86,8 @@ class Pipeline:
         for chunk in chunks:
             for item in chunk:
                 t = 0
-                if batch.buffer is not None and item.pixels is not None and batch.buffer.shape[1:] != item.pixels.shape[1:]:
+                shape = item.pixels.shape[1:] if item.pixels is not None else None
+                if batch.buffer is not None and shape is not None and batch.buffer.shape[1:] != shape:
                     batch = self._send(batch)  # tiles of another size (a video's beside CLIP crops) never share one
                 while t < item.num_tiles:
                     if batch.buffer is None:

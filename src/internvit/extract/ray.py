@@ -231,7 +231,8 @@ def extract_features_ray(
             by_path = [p for p in todo if p not in by_bytes]
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
             actor_options = dataclasses.replace(options, model=os.fspath(options.model))
-            _run(by_path, tables, frozenset(done), members=inputs.members, errors=inputs.errors, prepare=Prepare.for_model(options, loaded),
+            _run(by_path, tables, frozenset(done), members=inputs.members, errors=inputs.errors,
+                 prepare=Prepare.for_model(options, loaded),
                  options=actor_options, schema=schema, out=out, summary=summary, address=address,
                  num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                  rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
@@ -254,8 +255,8 @@ def _input_block(paths: list[str], members: dict, errors: dict):
     return pa.table(block)
 
 
-def _run(by_path, tables, done, *, members, errors, prepare, options, schema, out, summary, address, num_actors, gpus_per_actor,
-         cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
+def _run(by_path, tables, done, *, members, errors, prepare, options, schema, out, summary, address, num_actors,
+         gpus_per_actor, cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
     started, summary.load_seconds = connect(address)
     import ray
     import ray.data
