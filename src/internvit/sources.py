@@ -206,7 +206,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def shard_paths(source: str) -> list[str]:
-    """The tar shards a source names (none if it names no `.tar`): local ones absolute, URIs as given."""
+    """The tar shards a source names (none if it names no `.tar`, or is a glob without a match): local ones
+    absolute, URIs as given."""
     names = expand_braces(source)
     if not all(is_shard_name(n) for n in names):
         return []
@@ -215,10 +216,7 @@ def shard_paths(source: str) -> list[str]:
         if is_uri(name) or os.path.exists(name) or not glob.has_magic(name):
             found.append(name if is_uri(name) else os.path.abspath(name))
         else:
-            matches = sorted(os.path.abspath(p) for p in glob.glob(name, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise NoInputsError(f"no inputs in {name!r} (a pattern that matches no file)")
-            found += matches
+            found += sorted(os.path.abspath(p) for p in glob.glob(name, recursive=True) if os.path.isfile(p))
     return found
 
 
