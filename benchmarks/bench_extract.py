@@ -167,7 +167,7 @@ def preprocessing_cost(paths: list[Path], prepare) -> dict:
     ours = (time.process_time() - t - normalize) / tiles
     t, card_tiles = time.process_time(), 0
     for p in paths:
-        card_tiles += load_image(p, max_num=prepare.max_tiles).shape[0]
+        card_tiles += load_image(p, input_size=prepare.tile_size, max_num=prepare.max_tiles).shape[0]
     card = (time.process_time() - t) / card_tiles
     torch.set_num_threads(os.cpu_count() or 1)
     return {"ours_ms_per_tile": 1e3 * ours, "normalize_ms_per_tile": 1e3 * normalize / tiles,
@@ -309,7 +309,7 @@ def main() -> None:
         t = time.perf_counter()
         loaded = load_model(base)
         log("the encoder alone ...")
-        enc = encoder_alone(loaded, base, 10 * args.batch_size if cuda else 4 * args.batch_size)
+        enc = encoder_alone(loaded, base, 10 * args.batch_size if cuda else 2 * args.batch_size)
         report["warm_up_seconds"] = time.perf_counter() - t - enc["seconds"]  # load + first batch (+ compile)
         if args.device.startswith("cuda"):
             report["matmul_peak_tflops"] = matmul_peak_tflops(args.device)
@@ -338,7 +338,7 @@ def main() -> None:
                                                                     tmp / f"{tiles}-fast.parquet")
         log("an encoder that only sleeps ...")
         tiles_run = report["modes"][f"{args.tiles[0]}/exact"]["loader"]["tiles"]
-        batch = max(1, min(args.batch_size, tiles_run // 16))  # >= 16 batches: filling and draining are 1/16
+        batch = max(1, min(args.batch_size, tiles_run // 40))  # >= 40 batches: filling and draining ~1/40 each
         report["sleeping"] = sleeping_overlap(tmp / "corpus", ckpt, report["modes"][f"{args.tiles[0]}/exact"]["loader"],
                                               batch, args.workers, tmp / "sleep.parquet", args.tiles[0], args.max_tiles)
         log("preprocessing's CPU cost per tile ...")
@@ -346,7 +346,8 @@ def main() -> None:
         report["preprocessing"] = preprocessing_cost(paths[:min(len(paths), 40)],
                                                      Prepare.for_model(dyn, inspect_model(dyn)))
     md = markdown(report)
-    theme = f"extract-{args.device.split(':')[0]}" + (f"-{args.backend}" if args.backend != "torch" else "")
+    theme = f"extract-{args.device.split(':')[0]}" + (f"-{args.backend}" if args.backend != "torch" else "") + \
+        ("-tiny" if args.preset == "tiny" else "")
     write_results(args.out, theme, report, md)
     print(md)
 

@@ -146,3 +146,16 @@ def _wait_for(condition, timeout: float = WAIT) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_an_encoder_error_stops_the_run_and_keeps_finished_rows(tiny_ckpt, many_images, tmp_path):
+    def hook(batch, tiles):
+        if batch == 3:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    vit, _ = _encoder(tiny_ckpt, hook)
+    out = tmp_path / "f.parquet"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        extract_features([many_images], out, model=vit, batch_size=2, num_workers=0, flush_seconds=0,
+                         progress=False)
+    assert 0 < pq.read_table(out).num_rows <= 6  # batches 0-2 at most, consolidated; a rerun resumes
