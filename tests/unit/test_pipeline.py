@@ -159,3 +159,21 @@ def test_an_encoder_error_stops_the_run_and_keeps_finished_rows(tiny_ckpt, many_
         extract_features([many_images], out, model=vit, batch_size=2, num_workers=0, flush_seconds=0,
                          progress=False)
     assert 0 < pq.read_table(out).num_rows <= 6  # batches 0-2 at most, consolidated; a rerun resumes
+
+
+def test_normalization_equals_transformers_rescale_and_normalize():
+    """Every uint8 value, each channel: transformers' float64 rescale then float32 normalize, bit for bit."""
+    transforms = pytest.importorskip("transformers.image_transforms")
+    import torch
+
+    from internvit.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalization
+
+    pixels_HWC = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1)[None]  # [1, 256, 3]
+    want = transforms.normalize(transforms.rescale(pixels_HWC, 1 / 255, dtype=np.float32), IMAGENET_MEAN,
+                                IMAGENET_STD, input_data_format="channels_last")
+    for scale in (1 / 255, 1 / 127.5):  # the fast path, and the general one
+        got = Normalization(scale, IMAGENET_MEAN, IMAGENET_STD)(torch.from_numpy(pixels_HWC).permute(2, 0, 1))
+        ref = want if scale == 1 / 255 else transforms.normalize(
+            transforms.rescale(pixels_HWC, scale, dtype=np.float32), IMAGENET_MEAN, IMAGENET_STD,
+            input_data_format="channels_last")
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), ref)

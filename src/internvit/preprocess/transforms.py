@@ -67,7 +67,10 @@ class Normalization:
         `ToTensor` divides by 255 in float32, and for integers 0..255 the two round to the same float32; the
         subtraction and division then run in float32 with float32 mean/std, as in both.
         """
-        x = pixels.to(torch.float64).mul_(self.scale).to(torch.float32)
+        if self.scale == 1 / 255:  # the same float32 for each of the 256 values, at a third of the memory traffic
+            x = pixels.to(torch.float32).div_(255)
+        else:
+            x = pixels.to(torch.float64).mul_(self.scale).to(torch.float32)
         if self.mean is None:
             return x
         if self.std is None:
