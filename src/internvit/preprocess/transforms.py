@@ -27,6 +27,7 @@ Differs from transformers' `CLIPImageProcessorPil`:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -75,9 +76,13 @@ class Normalization:
             return x
         if self.std is None:
             raise ValueError("std is required when mean is given")
-        mean_C11 = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std_C11 = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        return x.sub_(mean_C11).div_(std_C11)
+        return x.sub_(_channel_values(tuple(self.mean), x.device)).div_(_channel_values(tuple(self.std), x.device))
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel constants [C, 1, 1] in float32 on `device`, made once (a copy to a GPU would wait for it)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
 def uint8_pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
