@@ -190,8 +190,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_extract import make_photos
-    from bench_vit import machine, write_results
+    from common import machine, make_photos, write_results
 
     from internvit.extract import extract_features
     from internvit.weights import init_checkpoint

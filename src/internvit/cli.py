@@ -80,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_positive, default=8,
-                   help="tiles per forward, and inputs per loading batch (default: 8)")
-    p.add_argument("--workers", type=_non_negative, default=2, help="image-loading processes, 0 = none (default: 2)")
+                   help="tiles per forward, filled with the tiles of many inputs (default: 8)")
+    p.add_argument("--workers", type=_non_negative,
+                   help="image-loading processes, 0 = none (default: the cores available, less one)")
+    p.add_argument("--decode", choices=["exact", "fast"], default="exact",
+                   help="exact: every pixel decoded (default); fast: JPEGs at least twice the size they are resized "
+                   "to are decoded at 1/2, 1/4 or 1/8 scale (faster; CLS cosine to exact in docs/performance.md)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on CUDA, let fp32 convolutions and matmuls use TF32 (faster, about 1e-3 off the CPU's fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder (torch backend; the first batches pay the compilation)")
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="none: the model card's CLIP preprocessing, one 448 tile (default); dynamic: InternVL 2.5 "
                    "tiles (1..--max-tiles by aspect ratio) plus a thumbnail")
@@ -304,7 +312,8 @@ def _run(args: argparse.Namespace) -> int:
 
         options = ExtractOptions(  # built once, for either engine
             model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-            batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
+            batch_size=args.batch_size, decode=args.decode, allow_tf32=args.tf32, compile=args.compile,
+            tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
             layers=args.layers, patch_tokens=args.patch_tokens, visual_tokens=args.visual_tokens,
             projector=args.projector, exif_transpose=not args.no_exif, max_pixels=args.max_pixels,
             retry_errors=args.retry_errors, progress=not args.quiet, backend=args.backend)
