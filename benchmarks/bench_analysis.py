@@ -296,7 +296,7 @@ def main() -> None:
         print(json.dumps(work(args._worker, args)))
         return
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_vit import machine, write_results
+    from common import machine, write_results
 
     argv = [f"--n={args.n}", f"--dim={args.dim}", f"--classes={args.classes}", f"--eval-rows={args.eval_rows}",
             f"--queries={args.queries}", f"--linear-max-iter={args.linear_max_iter}", f"--compare-n={args.compare_n}",

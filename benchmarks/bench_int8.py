@@ -72,8 +72,7 @@ def main() -> None:
     from internvit.weights import save_pretrained
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_extract import make_photos
-    from bench_vit import machine, write_results
+    from common import machine, make_photos, write_results
 
     def say(line: str) -> None:
         print(f"[bench] {line}", file=sys.stderr, flush=True)

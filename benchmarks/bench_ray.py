@@ -48,8 +48,7 @@ def main() -> None:
     from internvit.weights import init_checkpoint
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_extract import make_photos
-    from bench_vit import machine, write_results
+    from common import machine, make_photos, write_results
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "photos": args.photos,
               "batch_size": args.batch_size, "repeats": args.repeats, "models": {}}

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_vit import (  # noqa: E402
-    GFLOP_PER_TILE, RESULTS, _reset_peak_rss, _rss_mb, _timed, machine, to_timm, write_results)
+from common import (  # noqa: E402
+    GFLOP_PER_TILE, RESULTS, machine, reset_peak_rss, rss_mb, timed, to_timm, write_results)
 
 
 def build(impl: str, state_dict, checkpointing: bool):
@@ -77,7 +77,7 @@ def worker(batch: int, rounds: int, threads: int) -> list[dict]:
             times = {impl: [] for impl in models}
             for _ in range(rounds):
                 for impl, (model, forward) in models.items():
-                    times[impl].append(_timed(lambda: step(torch, model, forward, x, bf16)))
+                    times[impl].append(timed(lambda: step(torch, model, forward, x, bf16)))
             diff = ((grads["internvit"] - grads["timm"]).abs().max() / grads["timm"].abs().max()).item()
             for impl in models:
                 best = min(times[impl])
@@ -102,11 +102,11 @@ def memory_worker(impl: str, batch: int, checkpointing: bool, threads: int) -> d
     model, forward = build(impl, sd, checkpointing)
     del sd
     x = torch.randn(batch, 3, 448, 448)
-    before = _rss_mb()
-    _reset_peak_rss()
+    before = rss_mb()
+    reset_peak_rss()
     step(torch, model, forward, x, False)
     return {"impl": impl, "checkpointing": checkpointing, "batch": batch, "rss_before_mb": before,
-            "peak_rss_mb": _rss_mb("VmHWM")}
+            "peak_rss_mb": rss_mb("VmHWM")}
 
 
 def main() -> None:

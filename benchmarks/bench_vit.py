@@ -37,35 +37,21 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-GFLOP_PER_TILE = 723.6  # 24 x (25.80 linears + 4.30 attention) + 1.23 patch embedding (cpu_baseline.md)
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    GFLOP_PER_TILE, RESULTS, machine, make_photos, reset_peak_rss, rss_mb, timed, to_timm, write_results)
+
 TOKENS, HIDDEN, MLP = 1025, 1024, 4096
 LINEAR_SHAPES = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, MLP), (MLP, HIDDEN)]  # (in, out): qkv, proj, fc1, fc2
-RESULTS = Path(__file__).parent / "results"
 
 
 # ---- the worker: one implementation, one dtype ------------------------------------------------------------
-
-
-def _rss_mb(field: str = "VmRSS") -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
 
 
 def matmul_peak(torch, dtype, rows: int, repeats: int = 3) -> dict:
@@ -78,7 +64,7 @@ def matmul_peak(torch, dtype, rows: int, repeats: int = 3) -> dict:
         for k, n in LINEAR_SHAPES:
             x, w, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
             F.linear(x, w, b)
-            best = min(_timed(lambda: F.linear(x, w, b)) for _ in range(repeats))
+            best = min(timed(lambda: F.linear(x, w, b)) for _ in range(repeats))
             total_flop += 2 * m * k * n
             total_s += best
             out.setdefault("per_shape", {})[f"{m}x{k}x{n}"] = round(2 * m * k * n / best / 1e9, 1)
@@ -89,12 +75,6 @@ def matmul_peak(torch, dtype, rows: int, repeats: int = 3) -> dict:
     flop = [2 * k * n for k, n in LINEAR_SHAPES]
     out["peak"] = sum(flop) / sum(f / best_rate[s] for f, s in zip(flop, LINEAR_SHAPES))
     return out
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 EXPORTED = {"openvino", "onnxruntime", "internvit-openvino", "internvit-onnxruntime", "openvino-int8",
@@ -169,21 +149,6 @@ def build(impl: str, torch, dtype, state_dict, exports: Path | None = None):
     raise ValueError(impl)
 
 
-def to_timm(sd: dict) -> dict:
-    """Official keys -> timm's (spec/peers.md §1)."""
-    ren = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-           "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-           "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
-    out = {}
-    for k, v in sd.items():
-        if k in ren:
-            out[ren[k]] = v
-        else:
-            k = k.replace("encoder.layers.", "blocks.")
-            out[k + ".gamma" if k.endswith((".ls1", ".ls2")) else k] = v
-    return out
-
-
 def to_transformers(sd: dict) -> dict:
     """Official keys -> transformers' InternVLVisionModel (spec/peers.md §2), qkv split into q/k/v."""
     ren = [("embeddings.class_embedding", "embeddings.cls_token"),
@@ -232,7 +197,7 @@ def worker(impls: list[str], dtype_name: str, batches: list[int], rounds: int, t
             for _ in range(rounds):
                 peaks.append(matmul_peak(torch, dtype, batch * TOKENS))
                 for impl, forward in forwards.items():
-                    times[impl].append(_timed(lambda: forward(x)))
+                    times[impl].append(timed(lambda: forward(x)))
             peak = max(peaks, key=lambda p: p["peak"])  # the fastest the GEMMs ran: conservative ratios
             for impl in impls:
                 best = min(times[impl])
@@ -267,11 +232,11 @@ def memory_worker(impl: str, dtype_name: str, batch: int, threads: int, exports:
     del sd
     with torch.inference_mode():
         x = torch.randn(batch, 3, 448, 448, dtype=dtype)
-        loaded = _rss_mb()
-        _reset_peak_rss()  # the peak of the forward with the model loaded, not of building it
+        loaded = rss_mb()
+        reset_peak_rss()  # the peak of the forward with the model loaded, not of building it
         forward(x)
     return {"impl": impl, "dtype": "int8" if impl in INT8 else dtype_name, "batch": batch, "rss_loaded_mb": loaded,
-            "peak_rss_mb": _rss_mb("VmHWM"), "load_s": load_s}
+            "peak_rss_mb": rss_mb("VmHWM"), "load_s": load_s}
 
 
 def prepare_exports(exports: Path, impls: list[str], calibration_size: int, log) -> dict:
@@ -305,8 +270,6 @@ def prepare_exports(exports: Path, impls: list[str], calibration_size: int, log)
             times[f"first_load_{backend}_s"] = time.perf_counter() - t
             times_file.write_text(json.dumps(times))
     if INT8 & set(impls):
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_extract import make_photos
 
         if not (exports / "photos").is_dir():
             (exports / "photos").mkdir()
@@ -346,12 +309,12 @@ def load_worker(path: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     import internvit
 
-    base = _rss_mb()
-    _reset_peak_rss()
+    base = rss_mb()
+    reset_peak_rss()
     t = time.perf_counter()
     model = internvit.from_pretrained(path)
     load_s = time.perf_counter() - t
-    peak_before_batch = _rss_mb("VmHWM") - base
+    peak_before_batch = rss_mb("VmHWM") - base
     t = time.perf_counter()
     with torch.inference_mode():
         model(torch.randn(1, 3, 448, 448))
@@ -370,37 +333,6 @@ def run_child(args: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def write_results(out: Path, theme: str, report: dict, md: str) -> Path:
-    """Write `<out>/<theme>_<cpu>-fam<family>_<date>.{json,md}` (STYLE.md: `[theme]_[hardware]_[date]`); returns the
-    path without suffix. `report` holds "machine" (from `machine()`) and "date"."""
-    m = report["machine"]
-    stem = out / f"{theme}_{m['cpu'].lower().replace(' ', '-')}-fam{m['cpu_family']}_{report['date']}"
-    out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    return stem
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    fam = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("cpu family")), "?")
-    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model\t")), "?")
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    import importlib.metadata as md
-
-    for name in ("timm", "transformers", "internvit", "openvino", "nncf", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cpu_family": fam, "cpu_model": model, "cores": os.cpu_count(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "threads": torch.get_num_threads(),
-            "versions": versions}
 
 
 def markdown(report: dict) -> str:

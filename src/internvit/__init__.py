@@ -6,6 +6,7 @@ Public API (see README.md):
     dynamic_tiles, tile_image, encode_images, visual_tokens, load_frames    the InternVL 2.5 pipeline
     Projector, load_projector, pixel_unshuffle                              the ViT -> LLM glue
     extract_features                                                        files -> Parquet
+    InternVLChatModel                                                       ViT + mlp1 + LLM: chat, training
 """
 
 from importlib import import_module as _import_module
@@ -35,6 +36,7 @@ _LAZY = {
     "load_projector": "internvit.model.projector",
     "pixel_unshuffle": "internvit.model.projector",
     "extract_features": "internvit.extract",
+    "InternVLChatModel": "internvit.model.chat",
 }
 
 

@@ -9,6 +9,8 @@ the finished rows saved. `--debug` shows the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 
@@ -16,6 +18,7 @@ from internvit import __version__
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL, REGISTRY
 
 SHOWN_ERRORS = 10  # failed inputs listed at the end of `extract`
+SHOWN_PROBLEMS = 20  # problems listed by `data check`
 
 
 class Terminated(KeyboardInterrupt):
@@ -77,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_positive, default=8,
-                   help="tiles per forward, and inputs per loading batch (default: 8)")
-    p.add_argument("--workers", type=_non_negative, default=2, help="image-loading processes, 0 = none (default: 2)")
+                   help="tiles per forward, filled with the tiles of many inputs (default: 8)")
+    p.add_argument("--workers", type=_non_negative,
+                   help="image-loading processes, 0 = none (default: the cores available, less one)")
+    p.add_argument("--decode", choices=["exact", "fast"], default="exact",
+                   help="exact: every pixel decoded (default); fast: JPEGs at least twice the size they are resized "
+                   "to are decoded at 1/2, 1/4 or 1/8 scale (faster; CLS cosine to exact in docs/performance.md)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on CUDA, let fp32 convolutions and matmuls use TF32 (faster, about 1e-3 off the CPU's fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder (torch backend; the first batches pay the compilation)")
     p.add_argument("--tiles", choices=["none", "dynamic"], default="none",
                    help="none: the model card's CLIP preprocessing, one 448 tile (default); dynamic: InternVL 2.5 "
                    "tiles (1..--max-tiles by aspect ratio) plus a thumbnail")
@@ -137,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="InternVL 2.5 training: stage 1 (MLP warmup), 1.5 (ViT incremental), 2 (full)",
                        description="Train ViT + mlp1 + LLM on a meta JSON of conversation datasets. Each stage sets "
-                       "what is trainable, the learning rate, warmup, weight decay and drop-path (spec §6.1); every "
-                       "option can be overridden with --set KEY=VALUE. Rerunning with the same --out resumes.")
+                       "what is trainable, the learning rate, warmup, weight decay and drop-path (docs/training.md, "
+                       "\"Stages\"); every option can be overridden with --set KEY=VALUE. Rerunning the same "
+                       "command resumes from RUN/last/ (saved every save_every steps and on Ctrl-C); "
+                       "docs/training.md, \"Run folders and resuming\".")
     p.add_argument("--stage", required=True, choices=["1", "1.5", "2"])
     p.add_argument("--meta", required=True, help="meta JSON: {name: {root, annotation, ...}}")
     p.add_argument("--llm", help="Hugging Face causal LM (id or folder) to build the model around")
@@ -152,21 +165,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=_positive)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack samples into rows of up to max_packed_tokens tokens and max_packed_tiles tiles, as "
-                   "InternVL 2.5's stage scripts do (spec §6.4; the default); --batch-size then counts packs. "
+                   "InternVL 2.5's stage scripts do (the default; docs/training.md, \"Scale\"); --batch-size then "
+                   "counts packs. "
                    "--no-pack: one padded sample per row")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the LLM and ViT layers over the processes (FSDP) instead of DDP")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume-changes", action="store_true",
+                   help="resume RUN with options that differ from its train_config.json, applied from the resumed step")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("chat", help="ask a trained chat checkpoint about images or a video",
+                       description="Answer QUESTION about the images (or one video: a video file, an animated GIF or "
+                       "a folder of frames) with a chat checkpoint such as RUN/final, its tokenizer included, with "
+                       "the tile budget and frame count it was trained with unless --max-tiles / --frames say "
+                       "otherwise.")
+    p.add_argument("checkpoint", metavar="CHAT_CKPT")
+    p.add_argument("media", nargs="*", metavar="IMAGE|VIDEO",
+                   help="images, or one video (a video file, an animated GIF, a folder of frames)")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--max-tiles", type=_tile_budget, help="tiles of a question's images together (default: trained)")
+    p.add_argument("--frames", type=_positive, help="frames of a video (default: trained)")
+    p.add_argument("--system", help="system prompt (default: InternVL 2.5's)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own code (e.g. InternLM2.5)")
 
     p = sub.add_parser("data", help="training data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="report (and with --fix drop) samples that fail the data quality checks",
                             description="Check every dataset of a meta JSON: missing or unreadable media, "
                             "placeholder/image mismatches, samples over the length budget (with --tokenizer), "
-                            "repetitive answers (10-gram repetition > 40%%), empty and duplicate answers and "
-                            "duplicate samples. Exit status 1 when anything was found.")
+                            "repetitive answers (10-gram repetition > 40%), empty and duplicate answers and "
+                            "duplicate samples, one line each (the first 20; --fix OUT writes them all). Exit status "
+                            "0: no problems; 1: problems found (listed); 2: the meta JSON cannot be read.")
     p.add_argument("meta")
     p.add_argument("--fix", metavar="OUT", help="write the kept samples, a new meta.json and report.json to OUT")
     p.add_argument("--tokenizer", help="tokenizer (id or folder) for the length check")
@@ -197,8 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in the server at once; more get 503 with Retry-After (default: 64)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body; larger get 413 (default: 64)")
     p.add_argument("--max-pixels", type=_positive, help="refuse larger images with 400 (default: 100,000,000)")
+    p.add_argument("--max-request-tiles", type=_positive, default=1024,
+                   help="most tiles in one request; more get 413 (default: 1024)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ endpoints")
     p.add_argument("--decode-threads", type=_positive, default=2, help="threads decoding and tiling images (default: 2)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds a connection may stay idle, new or between requests (default: 5)")
+    p.add_argument("--timeout-read", type=float, default=30.0,
+                   help="seconds a request may take to arrive, headers and body, from its first byte (default: 30)")
+    p.add_argument("--max-connections", type=_positive, default=512,
+                   help="open connections; more are closed at once (default: 512)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: one process (default); ray: a Ray Serve deployment, one model per replica")
     p.add_argument("--replicas", type=_positive, default=1, help="with --engine ray: replicas (default: 1)")
@@ -206,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("errors", help="list the failed inputs of an extract output, with their reasons",
                        description="Print `path<TAB>reason` for every error row of an output written by "
-                       "`internvit extract` (a Parquet file, or a folder of shards from --engine ray).")
+                       "`internvit extract` (a Parquet file, or a folder of shards from --engine ray), then "
+                       "how many rows it holds and how many failed (on stderr).")
     p.add_argument("out", help="the --out of the extract run")
 
     p = sub.add_parser("doctor", help="this machine (CPU, ISA flags), the libraries, and the CPU choices measured "
@@ -278,7 +319,8 @@ def _run(args: argparse.Namespace) -> int:
 
         options = ExtractOptions(  # built once, for either engine
             model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-            batch_size=args.batch_size, tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
+            batch_size=args.batch_size, decode=args.decode, allow_tf32=args.tf32, compile=args.compile,
+            tiles=args.tiles, max_tiles=args.max_tiles, frames=args.frames,
             layers=args.layers, patch_tokens=args.patch_tokens, visual_tokens=args.visual_tokens,
             projector=args.projector, exif_transpose=not args.no_exif, max_pixels=args.max_pixels,
             retry_errors=args.retry_errors, progress=not args.quiet, backend=args.backend)
@@ -332,13 +374,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "errors":
         from internvit.extract.store import read_errors
 
-        for path, error in read_errors(args.out):
+        rows, errors = read_errors(args.out)
+        for path, error in errors:
             print(f"{path}\t{' '.join(error.split())}")
+        print(f"{args.out}: {rows} rows read, {len(errors) or 'none'} failed", file=sys.stderr)
         return 0
     if args.command in ("probe", "index", "search", "dedup", "viz"):
         return _analysis(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "chat":
+        return _chat(args)
     if args.command == "data":
         return _data_check(args)
     if args.command == "init":
@@ -378,8 +424,10 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServeOptions(model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                            tiles=args.tiles, max_tiles=args.max_tiles, max_batch_tiles=args.max_batch_tiles,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-                           max_pixels=args.max_pixels, api_key=args.api_key, decode_threads=args.decode_threads,
-                           backend=args.backend)
+                           max_pixels=args.max_pixels, max_request_tiles=args.max_request_tiles,
+                           api_key=args.api_key, decode_threads=args.decode_threads, backend=args.backend,
+                           timeout_keep_alive=args.timeout_keep_alive, timeout_read=args.timeout_read,
+                           max_connections=args.max_connections)
     if args.engine == "ray":
         serve_ray(options, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
     else:
@@ -393,7 +441,7 @@ def _show_failures(out, failed: int) -> None:
         return
     from internvit.extract.store import read_errors
 
-    errors = read_errors(out)
+    errors = read_errors(out)[1]
     print(f"failed inputs ({len(errors)}):", file=sys.stderr)
     for _, error in errors[:SHOWN_ERRORS]:
         print(f"  {' '.join(error.split())}", file=sys.stderr)
@@ -414,9 +462,28 @@ def _data_check(args: argparse.Namespace) -> int:
     for r in reports:
         found = ", ".join(f"{k} {v}" for k, v in sorted(r.problems.items())) or "no problems"
         print(f"{r.name}: {r.samples} samples, {r.kept} kept; {found}")
+    issues = [(r.name, i) for r in reports for i in r.issues]
+    for name, i in issues[:SHOWN_PROBLEMS]:
+        if i.reason == "missing_annotation":
+            print(f"  {name}: annotation file {_shown(i.file)} does not exist")
+        elif i.reason == "missing_root":
+            print(f"  {name}: root {_shown(i.path)} does not exist (the media paths of {_shown(i.file)} are "
+                  "relative to it)")
+        else:
+            sample = f" (id {i.id})" if i.id is not None else ""
+            print(f"  {_shown(i.file)}:{i.line}{sample}: {i.reason}" + (f" {_shown(i.path)}" if i.path else ""))
+    if len(issues) > SHOWN_PROBLEMS:
+        where = f"all in {args.fix}/report.json" if args.fix else "--fix OUT writes them all"
+        print(f"  … and {len(issues) - SHOWN_PROBLEMS} more ({where})")
     if args.fix:
         print(f"wrote the kept samples, meta.json and report.json to {args.fix}", file=sys.stderr)
     return 1 if any(r.problems for r in reports) else 0
+
+
+def _shown(path: str) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -425,8 +492,9 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from internvit.model.chat import quiet_transformers
     from internvit.train.data import ConversationDataset, load_meta
-    from internvit.train.loop import build_model, train
+    from internvit.train.loop import build_model, check_run, skipped_summary, train
     from internvit.train.stages import STAGES, TrainConfig
 
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "batch_size": args.batch_size,
@@ -440,21 +508,62 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--set {item}: unknown option {key!r}; options: {', '.join(sorted(types))}")
         overrides[key] = json.loads(value) if value[:1] in "[{tf0123456789-." and value not in ("", "-") else value
     cfg = STAGES[args.stage](**overrides)
+    source = {"llm": args.llm, "vision": args.vision, "init": args.init}
+    check_run(args.out, cfg, source=source, resume_changes=args.resume_changes)  # before anything is loaded
     torch.manual_seed(cfg.seed)  # a fresh mlp1 is random: the same seed, the same run
-    model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
-                                   trust_remote_code=args.trust_remote_code,
-                                   shrink_embeddings=cfg.shrink_embeddings)
+    with quiet_transformers() if args.quiet else contextlib.nullcontext():
+        model, tokenizer = build_model(llm=args.llm, vision=args.vision, init=args.init,
+                                       trust_remote_code=args.trust_remote_code,
+                                       shrink_embeddings=cfg.shrink_embeddings)
     max_seq_length = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.pack else cfg.max_seq_length
     dataset = ConversationDataset(load_meta(args.meta), tokenizer, max_tiles=cfg.max_tiles,
                                   num_image_token=model.num_image_token, max_seq_length=max_seq_length,
                                   tile_size=model.vision_model.config.image_size, seed=cfg.seed,
                                   min_num_frame=cfg.min_num_frame, max_num_frame=cfg.max_num_frame,
                                   sampling_method=cfg.sampling_method)
-    rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet)
+    rows = train(model, tokenizer, dataset, cfg, args.out, progress=not args.quiet, source=source,
+                 resume_changes=args.resume_changes, log=lambda line: print(f"internvit train: {line}",
+                                                                            file=sys.stderr))
     if rows:
-        print(f"stage {cfg.stage}: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
-              f"run folder {args.out}", file=sys.stderr)
+        print(f"stage {cfg.stage}: {len(rows)} steps ({rows[0]['step']}-{rows[-1]['step']} of {cfg.max_steps}), loss "
+              f"{rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; run folder {args.out}: final/ (the chat "
+              f"checkpoint, fp32), vision/ (the ViT, {cfg.save_dtype}; --set save_dtype=fp32 keeps fp32)",
+              file=sys.stderr)
+        skipped = skipped_summary(args.out)
+        if skipped:
+            print(f"internvit train: {skipped}", file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from internvit.model.chat import InternVLChatModel, quiet_transformers
+    from internvit.preprocess.video import is_video_name
+
+    media = list(args.media)
+    video = None
+    if len(media) == 1 and (is_video_name(media[0]) or os.path.isdir(media[0]) or _animated(media[0])):
+        video, media = media[0], []
+    elif any(is_video_name(m) or os.path.isdir(m) for m in media):
+        raise ValueError("a question takes images or one video, not both or several videos")
+    with quiet_transformers():
+        model = InternVLChatModel.from_pretrained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+        tokenizer = InternVLChatModel.load_tokenizer(args.checkpoint, trust_remote_code=args.trust_remote_code)
+        kwargs = {"system": args.system} if args.system else {}
+        answer = model.chat(tokenizer, media or None, args.question, video=video, max_tiles=args.max_tiles,
+                            num_frames=args.frames, max_new_tokens=args.max_new_tokens, **kwargs)
+    print(answer)
+    return 0
+
+
+def _animated(path: str) -> bool:
+    """An animated GIF, WebP or PNG: a video for `chat` (InternVL's training reads GIFs as videos)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except OSError:
+        return False
 
 
 def _add_analysis_commands(sub) -> None:
@@ -462,7 +571,7 @@ def _add_analysis_commands(sub) -> None:
     p = sub.add_parser("probe", help="k-NN or linear probe of labelled features: top-1/top-5, per class, confusion",
                        description="Probe how well the features separate labelled classes. knn: DINOv2's weighted "
                        "k-NN (cosine, k = 10, 20, 100, 200, T = 0.07); linear: logistic regression on standardised "
-                       "features, C chosen on a held-out 10%% of TRAIN. Writes report.json and confusion.png.")
+                       "features, C chosen on a held-out 10% of TRAIN. Writes report.json and confusion.png.")
     p.add_argument("method", choices=["knn", "linear"])
     p.add_argument("--train", required=True, help="feature Parquet file of the training images")
     p.add_argument("--eval", required=True, help="feature Parquet file of the evaluation images")

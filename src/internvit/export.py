@@ -23,14 +23,18 @@ Outputs of the graph: `last_hidden_state` [B, N, C], then `hidden_state_{i}` for
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +128,37 @@ def export_onnx(model: nn.Module, path: Path, *, layers: tuple[int, ...], batch:
     graph = _Graph(model, layers).eval()
     example = torch.zeros(batch or 2, 3, size, size)
     dynamic = None if batch else {"pixel_values": {0: torch.export.Dim("batch", min=1, max=4096)}}
-    import contextlib
-    import io
-
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints its progress
+    with torch.no_grad(), quiet_torch_onnx():
         torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME],
                           output_names=output_names(layers, model.config.num_hidden_layers),
                           dynamic_shapes=dynamic, dynamo=True, external_data=True, verbose=False)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def quiet_torch_onnx() -> Iterator[None]:
+    """Hide what `torch.onnx.export` says that tells our users nothing, for the call only: its progress lines
+    (stdout); "torchvision is not installed. Skipping torchvision::nms" (and roi_align, ...), logged as its op
+    registry loads without torchvision, which the encoder never uses; pytree's FutureWarning that
+    `isinstance(treespec, LeafSpec)` is deprecated, raised by torch's own exporter (torch 2.13). Its other
+    warnings and errors, and ours, still show."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    drop = _DropMessages("torchvision is not installed")
+    registry.addFilter(drop)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registry.removeFilter(drop)
 
 
 # ---- tiles: calibration, held out, synthetic -----------------------------------------------------------------
@@ -332,7 +360,6 @@ def attention_projections(ov_model, hidden_size: int) -> list[str]:
 def quantize_int8(ov_model, calibration: torch.Tensor, *, hidden_size: int, recipe: str = "shipped"):
     """NNCF post-training quantization of an OpenVINO model, calibrated on `calibration` tiles [T, 3, S, S]."""
     nncf = require("nncf", "openvino", "int8 quantization")
-    import logging
 
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-METADATA_KEY = b"internvit"
+from internvit.extract.store import METADATA_KEY, upgrade_metadata
+
 # Run settings that change the numbers in a feature column; two files whose settings differ here hold
 # features from different encoders (or the same encoder seeing different pixels) and cannot be compared.
 # `exif_transpose` is recorded by newer extracts only; absent on both sides it compares equal.
-FEATURE_KEYS = ("dtype", "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
+FEATURE_KEYS = ("compute_precision", "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
 
 
 @dataclass
@@ -57,10 +58,11 @@ class FeatureTable:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The `internvit` metadata of a feature file (an empty dict for a file without it)."""
+    """The `internvit` metadata of a feature file under today's names (`upgrade_metadata`; an empty dict for a
+    file without it)."""
     raw = (_schema(path).metadata or {}).get(METADATA_KEY)
     try:
-        return json.loads(raw) if raw else {}
+        return upgrade_metadata(json.loads(raw)) if raw else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its 'internvit' metadata is not valid JSON ({e})") from None
 
@@ -76,6 +78,7 @@ def settings_mismatch(a: dict, b: dict) -> list[str]:
     The model is compared by weights fingerprint when both record one (the same weights under another path are
     the same model), else by the model string.
     """
+    a, b = upgrade_metadata(a), upgrade_metadata(b)
     out = []
     if a.get("weights_fingerprint") and b.get("weights_fingerprint"):
         if a["weights_fingerprint"] != b["weights_fingerprint"]:

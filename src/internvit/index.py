@@ -41,6 +41,7 @@ import torch
 
 from internvit._fileio import atomic_write
 from internvit.extract import extract_features
+from internvit.extract.store import upgrade_metadata
 from internvit.feature_table import FeatureTable, feature_columns, read_features, settings_mismatch
 
 INDEX_KINDS = ("auto", "exact", "ann")
@@ -176,7 +177,7 @@ class Index:
         self.info = info
         self.kind: str = info["kind"]
         self.feature: str = info["feature"]
-        self.metadata: dict = info["metadata"]
+        self.metadata: dict = upgrade_metadata(info["metadata"])  # an index of an earlier version too
         self.dim: int = info["dim"]
         self.paths: list[str] = pq.read_table(self.folder / "paths.parquet").column("path").to_pylist()
         if self.kind == "exact":
@@ -301,9 +302,10 @@ def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     # Only the pooled columns are searched: patch and visual tokens are not extracted for queries.
     layers = sorted({int(c.split("_l", 1)[1]) for c in feature_columns(index.feature) if "_l" in c})
     options.setdefault("progress", False)
-    extract_features(images, out, model=model, dtype=meta.get("dtype", "bf16"), tiles=meta.get("tiles", "none"),
-                     max_tiles=meta.get("max_tiles") or 12, frames=meta.get("frames", 8), layers=layers,
-                     exif_transpose=meta.get("exif_transpose", True), **options)
+    extract_features(images, out, model=model, dtype=meta.get("compute_precision", "bf16"),
+                     tiles=meta.get("tiles", "none"), max_tiles=meta.get("max_tiles") or 12,
+                     frames=meta.get("frames", 8), layers=layers, exif_transpose=meta.get("exif_transpose", True),
+                     **options)
 
 
 def search(index_dir: str | os.PathLike, queries, *, k: int = 10, **extract_options):

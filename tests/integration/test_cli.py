@@ -176,7 +176,7 @@ def test_extract_refuses_incompatible_resume_and_bad_model(tiny_ckpt, photo_dir,
             "--quiet", "--workers", "0", check_rc=0)
     proc = run_cli("extract", str(photo_dir), "--out", str(out), "--model", str(tiny_ckpt), "--dtype", "fp32",
                    "--quiet", check_rc=2)
-    assert "other settings" in proc.stderr and "dtype" in proc.stderr
+    assert "other settings" in proc.stderr and "compute_precision: file has 'bf16', this run 'fp32'" in proc.stderr
     proc = run_cli("extract", str(photo_dir), "--out", str(tmp_path / "g.parquet"), "--model",
                    str(tmp_path / "nowhere"), check_rc=2)
     assert "nowhere" in proc.stderr and "no such file" in proc.stderr

@@ -1,6 +1,7 @@
 """`internvit data check` on a dataset with one sample of every kind of problem, and the --fix output."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,10 @@ def test_data_check_finds_each_problem_and_fixes(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     assert "demo: 14 samples, 2 kept" in proc.stdout
+    listed = proc.stdout.splitlines()[1:]  # one line per problem: file:line (id), reason, the path looked for
+    assert f"  {ann}:3 (id missing): missing_media {root / 'nope.jpg'}" in listed
+    assert f"  {ann}:4 (id unreadable): unreadable_media {root / 'broken.jpg'}" in listed
+    assert f"  {ann}:14: bad_json" in listed and len(listed) == 12
     kept = [json.loads(l)["id"] for l in (out / "demo.jsonl").read_text().splitlines()]
     assert kept == ["good", "text"]
     new_meta = json.loads((out / "meta.json").read_text())
@@ -87,3 +92,53 @@ def test_data_check_length_budget_with_a_tokenizer(tmp_path):
     assert short.problems == {"too_long": 1}  # 13 tiles x 256 tokens
     (ok,) = check_meta(tmp_path / "meta.json", tokenizer=tok, max_seq_length=8192)
     assert not ok.problems
+
+
+def test_data_check_lists_the_first_20_and_names_a_missing_root_or_annotation_once(tmp_path, monkeypatch, capsys):
+    from internvit.cli import main
+
+    def check(meta: dict | str) -> tuple[int, list[str]]:
+        (tmp_path / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+        rc = main(["data", "check", "meta.json"])
+        return rc, capsys.readouterr().out.splitlines()
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "media").mkdir()
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"gone{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": f"Thing {i}."}]}) + "\n"
+                                              for i in range(25)))
+    rc, lines = check({"d": {"root": "media", "annotation": "d.jsonl"}})
+    assert rc == 1 and lines[0] == "d: 25 samples, 0 kept; missing_media 25"
+    assert lines[1] == f"  d.jsonl:1: missing_media {os.path.join('media', 'gone0.jpg')}"
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == "  … and 5 more (--fix OUT writes them all)"
+    rc, lines = check({"d": {"root": "no_such_folder", "annotation": "d.jsonl"}})
+    assert rc == 1 and lines[1:] == ["  d: root no_such_folder does not exist (the media paths of d.jsonl are "
+                                     "relative to it)"]
+    rc, lines = check({"d": {"root": "media", "annotation": "nothing.jsonl"}})
+    assert rc == 1 and lines[1:] == ["  d: annotation file nothing.jsonl does not exist"]
+    rc, lines = check("{not json")
+    assert rc == 2 and lines == [] and len(capsys.readouterr().err.strip().splitlines()) <= 1
+
+
+def test_help_texts_name_the_docs_and_print_percent_signs(capsys):
+    from internvit.cli import main
+
+    for argv in (["data", "check", "--help"], ["train", "--help"], ["chat", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = capsys.readouterr().out
+    assert "40%)" in out and "%%" not in out and "spec §" not in out
+    assert 'docs/training.md, "Run folders and resuming"' in " ".join(out.split())
+
+
+def test_no_help_text_prints_a_doubled_percent_sign(capsys):
+    """argparse %-formats `help=` but not `description=`: a `%%` there reaches the user as is."""
+    from internvit.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.choices and "extract" in a.choices)
+    for name, parser in sub.choices.items():
+        nested = [a for a in parser._actions if isinstance(a.choices, dict)]
+        for argv in [[name, "--help"]] + [[name, child, "--help"] for a in nested for child in a.choices]:
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert "%%" not in capsys.readouterr().out, argv

@@ -95,3 +95,30 @@ def test_docs_links_resolve():
             assert (path.parent / target).exists(), f"{path.name} links to a missing {target}"
     assert len((ROOT / "README.md").read_text().splitlines()) <= 180
     assert os.path.isdir(ROOT / "docs")
+
+
+def test_readme_names_every_extra():
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = re.findall(r"^([a-z][a-z0-9_-]*) = \[", section, flags=re.M)
+    assert len(extras) >= 9
+    table = {row.split("|")[1].strip().strip("`") for row in (ROOT / "README.md").read_text().splitlines()
+             if row.startswith("| `")}
+    assert set(extras) <= table, f"README's table of extras lacks {sorted(set(extras) - table)}"
+
+
+def test_viz_and_search_need_no_extra(tiny_ckpt, tmp_path):
+    # The README says the analysis extra (faiss, matplotlib) is for ann indexes, large dedups and the probe's picture
+    # only: `viz` and an exact index with its search run with neither importable.
+    blocked = "import sys; sys.modules['faiss'] = sys.modules['matplotlib'] = None; from internvit.cli import main; "
+    image = ROOT / "examples" / "images" / "coffee.jpg"
+    steps = [["extract", str(image), "--model", str(tiny_ckpt), "--out", str(tmp_path / "f.parquet"), "--quiet",
+              "--workers", "0"],
+             ["index", str(tmp_path / "f.parquet"), "--out", str(tmp_path / "idx")],
+             ["search", str(tmp_path / "idx"), str(tmp_path / "f.parquet"), "-k", "1"],
+             ["viz", "pca", str(image), "--model", str(tiny_ckpt), "--out", str(tmp_path / "pictures")],
+             ["viz", "attention", str(image), "--model", str(tiny_ckpt), "--out", str(tmp_path / "pictures")]]
+    code = blocked + f"sys.exit(max(main(a) for a in {steps!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 2

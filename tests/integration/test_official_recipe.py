@@ -330,7 +330,7 @@ def test_video_samples_take_internvl_s_frames_per_epoch(texts, tmp_path):
     add_special_tokens(tok)
     ds = ConversationDataset(load_meta(EXAMPLES / "train" / "meta.json"), tok, num_image_token=4, tile_size=56,
                              max_tiles=4, min_num_frame=2, max_num_frame=32)
-    video = next(i for i, (_, s) in enumerate(ds.items) if "video" in s)
+    video = next(i for i, (_, _, s) in enumerate(ds.items) if "video" in s)
     end = tok.convert_tokens_to_ids("</img>")
     counts = set()
     for epoch in range(6):

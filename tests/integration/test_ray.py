@@ -109,6 +109,24 @@ def test_ray_engine_equals_local_engine(ray_address, tiny_ckpt, photo_dir, tmp_p
     assert rows["mem/broken.jpg"]["error"].startswith("mem/broken.jpg: ")
     assert "not an image" in rows["mem/broken.jpg"]["error"]
 
+    # A WebDataset shard named by a file:// URI and a brace range (read through pyarrow, as s3:// would be).
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for name, data in [(f"{n}.jpg", names[f"mem/{n}.jpg"]) for n in PHOTOS[:2]] + [("bad.jpg", b"garbage")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    s = extract_features_ray([f"file://{tmp_path}/shard-{{0..0}}.tar"], ray_out, model=str(tiny_ckpt), dtype="fp32",
+                             batch_size=3, max_pixels=1_000_000, layers=(1,), progress=False)
+    assert (s.inputs, s.processed) == (3, 3)
+    rows = rows_by_path(pq.read_table(ray_out))
+    for n in PHOTOS[:2]:
+        path = f"file://{tmp_path}/shard-0.tar/{n}.jpg"
+        assert_same_rows({path: rows[path]}, {path: dict(local_rows[str(photo_dir / f"{n}.jpg")], path=path)})
+    assert "not an image" in rows[f"file://{tmp_path}/shard-0.tar/bad.jpg"]["error"]
+
 
 def test_interrupted_run_resumes_each_input_once(ray_address, tiny_ckpt, photo_dir, tmp_path):
     from internvit.extract.ray import extract_features_ray
@@ -167,7 +185,7 @@ def test_ray_engine_runs_an_openvino_export(ray_address, tiny_ckpt, photo_dir, t
     assert (s.processed, s.failed) == (local.processed, local.failed)
     table = pq.read_table(tmp_path / "ray_ov")
     meta = json.loads(table.schema.metadata[b"internvit"])
-    assert (meta["backend"], meta["precision"]) == ("openvino", "fp32")
+    assert (meta["backend"], meta["compute_precision"], meta["stored_dtype"]) == ("openvino", "fp32", "float32")
     ray_rows, local_rows = rows_by_path(table), rows_by_path(pq.read_table(local.out))
     assert set(ray_rows) == set(local_rows)
     for path, want in local_rows.items():

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -235,6 +236,24 @@ def test_resume_refuses_other_weights_and_preprocessing(photos, tmp_path, capsys
     assert len(rows(out)) == 4
 
 
+def test_resume_of_an_output_of_an_earlier_version(tiny_ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "f.parquet"
+    args = ["extract", str(photos), "--out", str(out), "--model", str(tiny_ckpt), "--workers", "0", "--quiet"]
+    assert run_main(capsys, *args, "--dtype", "bf16")[0] == 0
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"internvit"])
+    assert (meta["compute_precision"], meta["stored_dtype"]) == ("bf16", "float32")
+    assert table.schema.field("cls").type.value_type == pa.float32()
+    # as versions before `compute_precision` wrote it: `dtype` the torch model's, no backend, no precision
+    old = {k: v for k, v in meta.items() if k not in ("backend", "compute_precision", "stored_dtype")}
+    old["dtype"] = "bfloat16"
+    pq.write_table(table.replace_schema_metadata({b"internvit": json.dumps(old).encode()}), out)
+    rc, err = run_main(capsys, *args, "--dtype", "bf16")
+    assert rc == 0 and "4 already done" in err
+    rc, err = run_main(capsys, *args, "--dtype", "fp32")
+    assert rc == 2 and "compute_precision: file has 'bf16', this run 'fp32'" in one_line_error(err)
+
+
 def test_fingerprint_sees_content_not_names(tmp_path):
     from internvit.weights import files_fingerprint
 
@@ -324,8 +343,29 @@ def test_failed_inputs_are_listed(tiny_ckpt, tmp_path, capsys):
     assert len(listed) == 10
     assert f"... and 2 more: internvit errors {out}" in err
     assert cli_main(["errors", str(out)]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 12 and all("\t" in p and "not an image" in p for p in printed)
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert len(lines) == 12 and all("\t" in p and "not an image" in p for p in lines)
+    assert printed.err == f"{out}: 12 rows read, 12 failed\n"
+
+
+def test_errors_says_when_none_failed_and_refuses_other_files(tmp_path, capsys):
+    from internvit.extract.store import feature_schema
+
+    out = tmp_path / "ok.parquet"
+    schema = feature_schema(4, metadata={"model": "m"})
+    columns = {**dict.fromkeys(schema.names, [None, None]), "path": ["/a.jpg", "/b.jpg"], "cls": [[0.0] * 4] * 2}
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), out)
+    assert cli_main(["errors", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == f"{out}: 2 rows read, none failed\n"
+
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    for name, cause in [("missing.parquet", "no such file"), ("notes.parquet", "not an output of internvit extract"),
+                        ("other.parquet", "not an output of internvit extract")]:
+        rc, err = run_main(capsys, "errors", str(tmp_path / name))
+        assert rc == 2 and f"{tmp_path / name}: {cause}" in one_line_error(err, "errors")
 
 
 # ---- 6. offline in seconds ------------------------------------------------------------------------------

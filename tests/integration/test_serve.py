@@ -252,3 +252,237 @@ def test_ray_serve_replica_answers_as_the_local_server(tiny_ckpt, photos, refere
                     for i, d in enumerate(got.json()["data"]))
         print(f"[serve] Ray Serve replica vs extract cls: max abs {worst:.2e}")
         assert worst <= 1e-5
+
+
+# ---- abuse: malformed and oversized bodies, idle and slow connections, big requests beside small ones -------------
+
+GUARDED = ["--max-body-mb", "0.05", "--max-request-tiles", "8", "--timeout-keep-alive", "2", "--timeout-read", "3",
+           "--max-connections", "8"]
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_ckpt):
+    """A server with small limits: 50 KiB bodies, 8 tiles a request, 2 s idle, 3 s to send a request, 8 connections."""
+    with server(tiny_ckpt, *GUARDED) as (url, _):
+        yield url
+
+
+def malformed_bodies(image: str) -> dict[str, bytes]:
+    """Bodies no client should be able to turn into a 500: each with a part of the message it must get."""
+    ok = '"input": "%s"' % image
+    cases = {
+        "nested too deeply": b"[" * 5000,
+        "nested too deeply ": b'{"input": ' + b"[" * 40_000,
+        "must be a JSON object, got an array": b"[" * 500 + b"]" * 500,
+        "input[0]: expected a base64 string or a data URL, got list ": b'{"input": ' + b"[" * 500 + b"]" * 500 + b"}",
+        "not valid JSON (Expecting value": b"",
+        "must be a JSON object, got null": b"null",
+        "must be a JSON object, got a number": b"1",
+        "not valid JSON (Expecting": b'{"input": }',
+        "not valid JSON ('utf-8' codec": b'{"input": "\xff\xfe\xfd"}',
+        "input[0]: not valid base64": b'{"input": "\\ud800"}',
+        "duplicate key 'input'": ('{%s, %s}' % (ok, ok)).encode(),
+        "Exceeds the limit (4300 digits)": b'{"input": ' + b"9" * 5000 + b"}",
+        "Infinity is not a JSON number": b'{"input": Infinity}',
+        "NaN is not a JSON number": b'{"input": NaN}',
+        "input must be an image (base64": b'{"input": 1e999}',
+        "input[0]: expected a base64 string or a data URL, got int": b'{"input": [5]}',
+        "input[0]: expected a base64 string or a data URL, got NoneType": b'{"input": [null]}',
+        "input[0]: expected a base64 string or a data URL, got list": b'{"input": [[]]}',
+        "input must be an image (base64 ": b'{"input": {}}',
+        "input must be an image (base64  ": b'{"input": []}',
+        "input[0]: empty image": b'{"input": ""}',
+        "at most 256 images per request": ('{"input": [%s]}' % ",".join(['"AAAA"'] * 257)).encode(),
+        "encoding_format must be float or base64, got an array": ('{%s, "encoding_format": ["float"]}' % ok).encode(),
+        "encoding_format must be float or base64, got 'floats'": ('{%s, "encoding_format": "floats"}' % ok).encode(),
+        "model must be a string, got an object": ('{%s, "model": {"a": [[[1]]]}}' % ok).encode(),
+        "over --max-request-tiles 8": ('{"input": [%s]}' % ",".join(['"%s"' % image] * 9)).encode(),
+    }
+    features = {
+        "layers must be a list of integers": [b'"1"', b"[1.5]", b"[true]", b'{"1": 1}', b"[" * 500 + b"]" * 500],
+        "layers: layer 99 is out of range": [b"[99]"],
+        "layers: layer 1000000000000000000000000000000 is out of range": [b"[1" + b"0" * 30 + b"]"],
+    }
+    for message, values in features.items():
+        for n, value in enumerate(values):
+            cases[message + " " * n + "/features"] = b'{%s, "layers": %s}' % (ok.encode(), value)
+    cases["patch_tokens must be true or false, got 'yes'/features"] = b'{%s, "patch_tokens": "yes"}' % ok.encode()
+    cases["format must be json or arrow, got a number/features"] = b'{%s, "format": 1}' % ok.encode()
+    return cases
+
+
+def tiny_png(seed: int) -> str:
+    """An 8x8 PNG of random pixels, base64 (one tile, whatever the model's size)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_malformed_bodies_get_400_and_the_connection_stays_usable(guarded):
+    import http.client
+    import json
+
+    image = tiny_png(0)
+    conn = http.client.HTTPConnection("127.0.0.1", int(guarded.rsplit(":", 1)[1]), timeout=60)
+
+    def post(body: bytes, path: str = "/v1/embeddings") -> tuple[int, dict, str]:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read()), r.getheader("connection", "")
+
+    status, _, _ = post(b"[" * 5000)  # the issue's case: was a plain-text 500 and a closed connection
+    assert status == 400
+    port = conn.sock.getsockname()[1]
+    status, body, _ = post(b'{"input": ["%s"]}' % image.encode())
+    assert status == 200 and len(body["data"]) == 1
+    for message, raw in malformed_bodies(image).items():
+        message, _, path = message.strip().partition("/")
+        status, body, connection = post(raw, f"/v1/{path or 'embeddings'}")
+        want = 413 if "max-request-tiles" in message else 400
+        assert status == want and message.strip() in body["error"]["message"], (message, status, body)
+        assert body["error"]["code"] == status and connection != "close"
+    assert post(b'{"input": ["%s"]}' % image.encode())[0] == 200
+    assert conn.sock.getsockname()[1] == port  # the same connection all along
+    conn.close()
+
+
+def post_raw(url: str, head: bytes, body: bytes = b"") -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_oversized_body_gets_413_that_every_client_sees(guarded, photos, tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    # 12 MB > 50 KiB: more than the client's socket buffers take, so it is still sending when the 413 comes.
+    body = json.dumps({"input": ["A" * 12_000_000]}).encode()
+    request = urllib.request.Request(f"{guarded}/v1/embeddings", data=body,
+                                     headers={"Content-Type": "application/json"})  # urllib sends Connection: close
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 413 and "over --max-body-mb 0.05" in json.loads(e.value.read())["error"]["message"]
+    assert e.value.headers["connection"] == "close"
+
+    r = httpx.post(f"{guarded}/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    pieces = [body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)]  # no length: chunked, counted as it comes
+    chunked = httpx.post(f"{guarded}/v1/embeddings", content=iter(pieces))
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "request_too_large"
+
+    (tmp_path / "body.json").write_bytes(body)
+    for expect in ([], ["-H", "Expect:"]):  # curl waits for 100-continue on a large body unless told not to
+        out = subprocess.run(["curl", "-sS", "-o", str(tmp_path / "answer"), "-w", "%{http_code}", *expect,
+                              "-H", "Content-Type: application/json", "--data-binary", f"@{tmp_path / 'body.json'}",
+                              f"{guarded}/v1/embeddings"], capture_output=True, text=True, timeout=60)
+        assert out.stdout == "413", out.stderr
+        assert json.loads((tmp_path / "answer").read_bytes())["error"]["code"] == 413
+    assert httpx.post(f"{guarded}/v1/embeddings", json={"input": [data_url(photos[0])]}).status_code == 200
+
+
+def test_a_refused_body_is_drained_within_bounds(guarded):
+    # Content-Length 1 GB: the server answers 413, then discards at most 16 MiB (its bound here) and closes.
+    sock = post_raw(guarded, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000000000\r\n\r\n")
+    sent, chunk = 0, b"x" * 65536
+    with pytest.raises(OSError):  # a reset or a broken pipe once the server has closed
+        while sent < 1_000_000_000:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    print(f"[serve] a 1 GB body refused: {sent / 2**20:.1f} MiB sent before the server closed "
+          "(bound 16 MiB + socket buffers)")
+    assert sent < 128 * 2**20
+    sock.close()
+
+
+def test_idle_and_slow_connections_are_closed(guarded):
+    from internvit.cli import build_parser
+    from internvit.serve import ServeOptions
+
+    # Defaults: seconds, not forever (nginx's keepalive_timeout is 75 s).
+    defaults = build_parser().parse_args(["serve"])
+    assert defaults.timeout_keep_alive == ServeOptions().timeout_keep_alive <= 75
+    assert defaults.timeout_read == ServeOptions().timeout_read <= 75
+
+    def closed_after(sock: socket.socket) -> float:
+        start = time.monotonic()
+        while sock.recv(65536):  # a response, if any, then the end of the stream
+            pass
+        return time.monotonic() - start
+
+    silent = post_raw(guarded, b"")
+    assert 1.5 < closed_after(silent) < 10  # --timeout-keep-alive 2
+    after_response = post_raw(guarded, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert 1.5 < closed_after(after_response) < 10
+    slow = post_raw(guarded, b"")
+    start = time.monotonic()
+    with pytest.raises(OSError):  # one header byte every 0.2 s: cut at --timeout-read 3
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: " + b"x" * 1000:
+            slow.sendall(bytes([byte]))
+            time.sleep(0.2)
+            assert time.monotonic() - start < 15
+    assert 2.5 < time.monotonic() - start < 15
+    for sock in (silent, after_response, slow):
+        sock.close()
+
+    # --max-connections 8: past it, a connection is closed at once while the others stay open.
+    socks = [post_raw(guarded, b"") for _ in range(12)]
+    time.sleep(0.5)  # well within --timeout-keep-alive 2
+    still_open = []
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            still_open.append(sock.recv(1) != b"")
+        except BlockingIOError:
+            still_open.append(True)
+        sock.close()
+    assert 1 <= sum(still_open) <= 8, still_open
+    assert httpx.get(f"{guarded}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_small_request_is_not_starved_by_big_ones(tiny_ckpt):
+    """Two 256-image requests in flight: a 1-image request waits about one forward, and memory stays bounded; when
+    their clients go, their work stops."""
+    big, small = {"input": [tiny_png(i) for i in range(256)]}, {"input": [tiny_png(1000)]}
+    with server(tiny_ckpt, "--max-batch-tiles", "4") as (url, proc):
+        def rss_mb(field: str) -> float:
+            text = Path(f"/proc/{proc.pid}/status").read_text()
+            return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field))) / 1024
+
+        def timed() -> float:
+            start = time.monotonic()
+            assert httpx.post(f"{url}/v1/embeddings", json=small, timeout=300).status_code == 200
+            return time.monotonic() - start
+
+        idle = min(timed() for _ in range(3))
+        before = rss_mb("VmRSS")
+        import json
+
+        body = json.dumps(big).encode()
+        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n")
+        bigs = [post_raw(url, head % len(body), body) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while _metric(httpx.get(f"{url}/metrics").text, "internvit_queue_depth") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # both well under way
+        busy = [timed() for _ in range(3)]
+        growth = rss_mb("VmHWM") - before
+        print(f"[serve] 1-image request: idle {idle:.2f} s, beside two 256-image requests "
+              f"{', '.join(f'{b:.2f}' for b in busy)} s; RSS growth {growth:.0f} MB")
+        assert max(busy) <= max(3.0, 4 * idle)
+        assert growth <= 1024
+        assert _metric(httpx.get(f"{url}/metrics").text, "internvit_queue_depth") == 2  # they were beside it
+        for sock in bigs:  # clients that give up: their requests' work stops (about 25 s of it left here)
+            sock.close()
+        deadline = time.monotonic() + 10
+        while _metric(httpx.get(f"{url}/metrics").text, "internvit_queue_depth") > 0:
+            assert time.monotonic() < deadline, "the abandoned requests were not stopped"
+            time.sleep(0.1)

@@ -21,7 +21,7 @@ import internvit
 from internvit.model.chat import InternVLChatModel
 from internvit.model.template import IGNORE_INDEX
 from internvit.train.data import ConversationDataset, collate, load_meta, preprocess_internvl2_5
-from internvit.train.loop import build_model, train
+from internvit.train.loop import build_model, lr_factor, skipped_summary, train
 from internvit.train.loss import len2weight, next_token_loss, token_weights
 from internvit.train.stages import STAGES
 
@@ -235,7 +235,7 @@ def test_resume_refuses_a_pickle_that_would_run_code(parts, tmp_path):
         model, tok = fresh(parts)
         with pytest.raises(ValueError, match=rf"{name}: refusing to resume from it") as err:
             train(model, tok, dataset(parts, model, tok, parts / "one_meta.json"), cfg.replace(max_steps=2),
-                  tmp_path / "run", progress=False)
+                  tmp_path / "run", progress=False, resume_changes=True)
         assert str(last / name) in str(err.value)
         assert not marker.exists()
     with open(marker.with_suffix(".check"), "wb") as f:  # the planted object does run when unpickled unsafely
@@ -442,6 +442,11 @@ def test_packed_training_skips_bad_samples_and_resumes_exactly(parts, tmp_path):
     assert straight[-1]["loss"] < straight[0]["loss"]
     skipped = [json.loads(l) for l in open(tmp_path / "a" / "skipped.jsonl")]
     assert skipped and all("no_such_photo.jpg" in s["error"] for s in skipped)
+    # one name (dataset and line) and one reason; listed once per epoch although repeat_time=2 puts it there twice
+    assert {(s["sample"], s["reason"]) for s in skipped} == {("demo line 6", "missing_media")}
+    epochs = [s["epoch"] for s in skipped]
+    assert len(epochs) == len(set(epochs))
+    assert skipped_summary(tmp_path / "a").startswith(f"skipped 1 sample (missing_media 1), {len(skipped)} time")
     model, tok = fresh(parts)
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, Counted(packed_dataset(parts, model, tok, tmp_path, broken=True), first_two.calls), cfg,
@@ -520,3 +525,128 @@ def test_frozen_llm_is_checkpointed_without_changing_the_numbers(parts):
         results[checkpointing] = (loss.item(), model.mlp1[1].weight.grad.clone())
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
     torch.testing.assert_close(results[True][1], results[False][1])
+
+
+# ---- run folders: interrupts, resume, changed options (docs/training.md, "Run folders and resuming") ----
+
+def test_interrupt_saves_the_finished_steps_and_the_rerun_resumes_them(parts, tmp_path):
+    """Ctrl-C between save_every steps: last/ gets the last finished step, the rerun says where it resumes and
+    continues with the losses of an uninterrupted run; log.jsonl holds each step once, also after a kill that left
+    rows past the saved step."""
+    cfg = STAGES["2"](max_steps=5, lr=0.01, warmup_steps=1, save_every=100, data_threads=0, pack=False)
+    one = parts / "one_meta.json"
+    model, tok = fresh(parts)
+    straight = train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "a", progress=False)
+    said = []
+    model, tok = fresh(parts)
+    with pytest.raises(KeyboardInterrupt):  # while loading step 4's batch
+        train(model, tok, Counted(dataset(parts, model, tok, one), 3), cfg, tmp_path / "b", progress=False,
+              log=said.append)
+    assert said == [f"saved step 3 to {tmp_path / 'b' / 'last'}; rerun the same command to resume"]
+    assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["step"] == 3
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a kill -9 after step 4 was logged but not saved
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    said.clear()
+    model, tok = fresh(parts)
+    resumed = train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "b", progress=False,
+                    log=said.append)
+    assert said == [f"resuming {tmp_path / 'b'} from step 3"]
+    assert [r["step"] for r in resumed] == [4, 5]
+    for a, b in zip(straight[3:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert logged == [1, 2, 3, 4, 5]
+    said.clear()  # a finished run is left as it is
+    final = (tmp_path / "b" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert train(model, tok, dataset(parts, model, tok, one), cfg, tmp_path / "b", progress=False,
+                 log=said.append) == []
+    assert said == [f"{tmp_path / 'b'} finished at step 5 (final/, vision/); nothing to do"]
+    assert (tmp_path / "b" / "final" / "model.safetensors").stat().st_mtime_ns == final
+
+
+def test_changed_options_are_refused_or_applied_from_the_resumed_step(parts, tmp_path):
+    from safetensors import safe_open
+
+    from internvit.train.loop import check_run
+
+    cfg = STAGES["2"](max_steps=2, lr=0.01, warmup_steps=1, save_every=100, data_threads=0, pack=False,
+                      save_dtype="fp32")
+    model, tok = fresh(parts)
+    train(model, tok, dataset(parts, model, tok), cfg, tmp_path / "run", progress=False)
+    with safe_open(str(tmp_path / "run" / "vision" / "model.safetensors"), "pt") as f:  # save_dtype=fp32
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    recorded = (tmp_path / "run" / "train_config.json").read_text()
+    more = cfg.replace(max_steps=4, lr=0.005, data_threads=2)  # data_threads changes no number: not a difference
+    with pytest.raises(ValueError, match=r"\(lr: 0.01 in .*run, 0.005 now; max_steps: 2 in .*run, 4 now\); .*"
+                                         r"--resume-changes"):
+        check_run(tmp_path / "run", more)
+    with pytest.raises(ValueError, match=r"holds a stage 2 run; train stage 1 into a new --out"):
+        check_run(tmp_path / "run", STAGES["1"](max_steps=2))
+    with pytest.raises(ValueError, match=r"cannot resume with another llm_lora_rank"):
+        check_run(tmp_path / "run", cfg.replace(llm_lora_rank=4), resume_changes=True)
+    assert (tmp_path / "run" / "train_config.json").read_text() == recorded
+    model, tok = fresh(parts)
+    rows = train(model, tok, dataset(parts, model, tok), more, tmp_path / "run", progress=False, resume_changes=True)
+    assert [r["step"] for r in rows] == [3, 4]
+    for r in rows:  # the new learning rate on the new schedule, from step 2 on
+        assert r["lr"] == pytest.approx(0.005 * lr_factor(r["step"], 1, 4))
+    written = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (written["lr"], written["max_steps"], written["data_threads"]) == (0.005, 4, 2)
+    assert written["changes"] == [{"step": 2, "options": {"max_steps": {"from": 2, "to": 4},
+                                                          "lr": {"from": 0.01, "to": 0.005}}}]
+
+
+def test_cli_sigterm_saves_last_and_a_rerun_with_other_options_or_stage_is_refused(parts, tmp_path):
+    """`internvit train` stopped by SIGTERM saves the finished steps and says how to resume; rerunning with another
+    --lr or another --stage is refused in one line (exit 2) and writes nothing."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "internvit.cli", "train", "--meta", str(parts / "one_meta.json"), "--llm",
+            str(parts / "llm"), "--vision", str(parts / "vit"), "--out", str(run), "--max-steps", "1000", "--lr",
+            "0.01", "--no-pack", "--quiet"]
+    proc = subprocess.Popen(base + ["--stage", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run / "log.jsonl").exists()
+                                               and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    step = json.loads((run / "last" / "state.json").read_text())["step"]
+    assert step >= 2 and f"internvit train: saved step {step} to {run / 'last'}; rerun the same command to resume" \
+        in err.splitlines()
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(1, step + 1))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra, expected in ((["--stage", "1", "--lr", "5e-3"], f"lr: 0.01 in {run}, 0.005 now"),
+                            (["--stage", "2"], f"{run} holds a stage 1 run; train stage 2 into a new --out")):
+        done = subprocess.run(base[:-4] + ["--no-pack"] + extra, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert expected in done.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_chat_defaults_to_the_tile_budget_and_frames_the_checkpoint_was_trained_with(parts, tmp_path, monkeypatch):
+    """config.json records max_dynamic_patch (InternVL's key) and the training frame counts; chat() takes them.
+    Tiles counted by hand with InternVL's dynamic_preprocess for 56-px tiles: the 512x512 astronaut with 4 tiles
+    is 2x2 + thumbnail (with 12: 3x3 + thumbnail); chelsea (451x300) and rocket (640x427) share 4 as 2 each:
+    2x1 + thumbnail and 1x1. The 12-frame GIF gives min_num_frame frames."""
+    model, tok = fresh(parts)
+    model.max_dynamic_patch, model.min_num_frame, model.max_num_frame = 4, 8, 16
+    model.save_pretrained(tmp_path / "chat", tokenizer=tok)
+    config = json.loads((tmp_path / "chat" / "config.json").read_text())
+    assert (config["max_dynamic_patch"], config["min_num_frame"], config["max_num_frame"]) == (4, 8, 16)
+    chat = internvit.InternVLChatModel.from_pretrained(tmp_path / "chat")
+    tok = chat.load_tokenizer(tmp_path / "chat")
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda tokenizer, pixels, prompts, **kw: seen.append((pixels, prompts))
+                        or [""] * len(prompts))
+    images = EXAMPLES / "images"
+    chat.chat(tok, images / "astronaut.jpg", "Who?")
+    chat.chat(tok, images / "astronaut.jpg", "Who?", max_tiles=12)
+    chat.chat(tok, [images / "chelsea.jpg", images / "rocket.jpg"], "What?")
+    chat.chat(tok, None, "How?", video=EXAMPLES / "train" / "clip.gif")
+    assert [len(pixels) for pixels, _ in seen] == [5, 10, 4, 8]
+    video_prompt = seen[-1][1][0]
+    assert "Frame-8: <img>" in video_prompt and "Frame-9" not in video_prompt

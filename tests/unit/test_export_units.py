@@ -61,14 +61,21 @@ def test_auto_backend_prefers_openvino_on_cpu(monkeypatch):
     assert backend == "torch" and "is installed" in why
 
 
-def test_resume_check_reads_outputs_written_before_backends():
+def test_resume_check_reads_outputs_of_earlier_versions():
     from internvit.extract.store import OutputMismatchError, check_compatible
 
-    old = {"model": "m", "dtype": "bfloat16"}  # an output of an earlier version: no backend, no precision
-    check_compatible(old, {"model": "m", "dtype": "bfloat16", "backend": "torch", "precision": "bf16"}, path="f")
+    run = {"model": "m", "backend": "torch", "compute_precision": "bf16", "stored_dtype": "float32", "decode": "exact"}
+    before_backends = {"model": "m", "dtype": "bfloat16"}  # torch computed in `dtype`, decoded exactly
+    check_compatible(before_backends, run, path="f")
+    with pytest.raises(OutputMismatchError, match="decode: file has 'exact', this run 'fast'"):
+        check_compatible(before_backends, {**run, "decode": "fast"}, path="f")
     with pytest.raises(OutputMismatchError, match="backend: file has 'torch', this run 'openvino'"):
-        check_compatible(old, {"model": "m", "dtype": "bfloat16", "backend": "openvino", "precision": "bf16"},
-                         path="f")
+        check_compatible(before_backends, {**run, "backend": "openvino"}, path="f")
+    # an OpenVINO bf16 run recorded its float32 inputs as `dtype` and the compute precision as `precision`
+    openvino = {"model": "m", "dtype": "float32", "backend": "openvino", "precision": "bf16"}
+    check_compatible(openvino, {**run, "backend": "openvino"}, path="f")
+    with pytest.raises(OutputMismatchError, match="compute_precision: file has 'bf16', this run 'fp32'"):
+        check_compatible(openvino, {**run, "backend": "openvino", "compute_precision": "fp32"}, path="f")
 
 
 def test_missing_runtime_names_the_extra(monkeypatch, tmp_path):

@@ -19,10 +19,20 @@ def test_import_is_light():
     assert proc.stdout.strip() == "[]"
 
 
+def test_loading_imports_no_compiler(tiny_ckpt):
+    # torch's meta kernels for randn, normal_ and mul are Python functions whose first call imports torch._dynamo
+    # and sympy: ~1.5 s of a fresh process's from_pretrained, until the model was built without them (issue 21).
+    code = (f"import sys, internvit; internvit.from_pretrained({str(tiny_ckpt)!r}); "
+            "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_names_loaded_on_first_use_are_listed_and_resolve():
     import internvit
 
-    lazy = {"from_pretrained", "ImageProcessor", "tile_image", "encode_images", "extract_features", "load_frames"}
+    lazy = {"from_pretrained", "ImageProcessor", "tile_image", "encode_images", "extract_features", "load_frames",
+            "InternVLChatModel"}
     assert lazy <= set(dir(internvit))
     assert all(callable(getattr(internvit, name)) for name in lazy)
     assert internvit.from_pretrained.__module__ == "internvit.backends"
@@ -43,7 +53,7 @@ LAYERS = {
     "backends": 5,  # from_pretrained: torch, an export, or a checkpoint exported on demand
     "extract": 6, "feature_table": 6,
     "index": 7, "probe": 7, "viz": 7,
-    "serve": 8, "train": 8,
+    "serve": 8, "serve_http": 8, "train": 8,
     "cli": 9,
 }
 

@@ -240,6 +240,22 @@ def test_drop_path_rates_are_linspace_floats():
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
 
 
+def test_init_draws_as_the_official_code(tiny_config):
+    # modeling_intern_vit.py: class_embedding = randn, then the patch Conv2d, then position_embedding = randn;
+    # ls1/ls2 = initializer_factor * ones. Ours skips the draws on the meta device only (`randn_unless_meta`).
+    C = tiny_config.hidden_size
+    torch.manual_seed(5)
+    cls = torch.randn(1, 1, C)
+    conv = torch.nn.Conv2d(3, C, kernel_size=tiny_config.patch_size, stride=tiny_config.patch_size)
+    pos = torch.randn(1, tiny_config.num_positions, C)
+    torch.manual_seed(5)
+    emb = InternVisionModel(tiny_config).embeddings
+    assert torch.equal(emb.class_embedding, cls) and torch.equal(emb.position_embedding, pos)
+    assert torch.equal(emb.patch_embedding.weight, conv.weight)
+    layer = InternVisionModel(tiny_config).encoder.layers[0]
+    assert torch.equal(layer.ls1, tiny_config.initializer_factor * torch.ones(C)) and torch.equal(layer.ls2, layer.ls1)
+
+
 @torch.no_grad()
 def test_drop_path_only_in_train_mode(tiny_config):
     cfg = tiny_config.replace(drop_path_rate=0.5)  # rates [0.0, 0.5]

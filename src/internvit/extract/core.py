@@ -20,6 +20,7 @@ patch tokens of every tile the encoder saw, `patch_tokens` the stitched map of t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,17 +32,27 @@ import torch
 from internvit.backends import auto_backend, from_pretrained
 from internvit.checkpoint import check_state_dict, parse_dtype, state_dict_fingerprint
 from internvit.extract.store import feature_schema
-from internvit.features import TiledFeatures, encode_tiles
+from internvit.features import TiledFeatures
 from internvit.model.projector import Projector, load_projector, unshuffle_tokens
 from internvit.model.vision import InternVisionModel, layer_indices
-from internvit.preprocess import DEFAULT_MAX_PIXELS, ImageLoadError, ImageProcessor, open_image, tile_transform
-from internvit.preprocess.tiling import MAX_TILES, TileLayout, tile_image
+from internvit.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    ImageProcessor,
+    Normalization,
+    open_image,
+    tile_pixels,
+)
+from internvit.preprocess.tiling import MAX_TILES, TileLayout, choose_grid, dynamic_tile_pixels
+from internvit.preprocess.transforms import _shortest_edge_size
 from internvit.preprocess.video import is_video_name, load_frames
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.runtime import export_format, is_export
+from internvit.sources import Member, read_member
 from internvit.weights import load_checkpoint
 
 TILE_MODES = ("none", "dynamic")
+DECODE_MODES = ("exact", "fast")
 BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
 
 
@@ -54,7 +65,12 @@ class ExtractOptions:
         revision: Hub revision of `model`.
         dtype: compute dtype (bf16 is the reference dtype and the fastest on CPUs with AVX-512 BF16).
         device: "cpu", "cuda", ...; default CUDA when available.
-        batch_size: tiles per forward (also inputs per loading batch); bounds the activation memory.
+        batch_size: tiles per forward (tiles of many inputs fill each one); bounds the activation memory.
+        decode: "exact" (Pillow decodes every pixel: the reference) or "fast" (a JPEG at least twice the size it
+            is resized to is decoded at 1/2, 1/4 or 1/8 scale by libjpeg; docs/performance.md has its fidelity).
+        allow_tf32: let CUDA run fp32 convolutions and matmuls in TF32 (faster, ~1e-3 off); off by default, so
+            fp32 on a GPU matches the CPU.
+        compile: `torch.compile` the encoder (torch backend); the first forwards pay the compilation.
         tiles: "none" (CLIP preprocessing, one tile) or "dynamic" (InternVL tiles + thumbnail).
         max_tiles: the dynamic tiling budget per image.
         frames: frames sampled per video.
@@ -75,6 +91,9 @@ class ExtractOptions:
     dtype: str | torch.dtype | None = "bf16"
     device: str | torch.device | None = None
     batch_size: int = 8
+    decode: str = "exact"
+    allow_tf32: bool = False
+    compile: bool = False
     tiles: str = "none"
     max_tiles: int = DEFAULT_MAX_TILES
     frames: int = 8
@@ -91,6 +110,8 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"--decode {self.decode!r}: choose one of {', '.join(DECODE_MODES)}")
         if self.tiles not in TILE_MODES:
             raise ValueError(f"tiles must be one of {TILE_MODES}, got {self.tiles!r}")
         if not 1 <= self.max_tiles <= MAX_TILES:
@@ -133,20 +154,28 @@ class ExtractSummary:
 
 @dataclass
 class Item:
-    """One input after preprocessing: its tiles [T, 3, S, S] and where they came from, or the error that stopped it."""
+    """One input after preprocessing: its uint8 tiles [T, 3, S, S], how to normalize them, and where they came
+    from; or the error that stopped it. The encoder adds each tile's results (`outputs`)."""
 
     path: str
     pixels: torch.Tensor | None = None
     error: str | None = None
-    size: tuple[int, int] | None = None  # (width, height) as opened
+    size: tuple[int, int] | None = None  # (width, height) as opened (full size, also with --decode fast)
     layout: TileLayout | None = None  # dynamic tiles: their grid and thumbnail (None: one tile, or a video)
     frame_indices: list[int] | None = None  # videos
-    tokens: list[torch.Tensor] = field(default_factory=list)  # per encoded layer [T, N, C], after encoding
+    norm: Normalization = field(default_factory=Normalization)  # rescale + mean/std, applied on the device
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # per encoded batch, its tiles' results
+
+    @property
+    def num_tiles(self) -> int:
+        return 0 if self.pixels is None else int(self.pixels.shape[0])
 
 
 @dataclass
 class Prepare:
-    """Path (or encoded bytes) -> `Item`; a plain picklable object that runs in loader workers and Ray tasks."""
+    """Path (or encoded bytes) -> `Item`; a plain picklable object that runs in loader workers and Ray tasks.
+
+    It decodes and resizes (uint8 out); the rescale and normalization run with the encoder, on its device."""
 
     processor: object
     tiles: str
@@ -155,28 +184,34 @@ class Prepare:
     tile_size: int
     exif_transpose: bool
     max_pixels: int
+    decode: str = "exact"
 
     @classmethod
     def for_model(cls, options: ExtractOptions, loaded: LoadedModel) -> Prepare:
         return cls(loaded.processor, options.tiles, options.max_tiles, options.frames, loaded.vit.config.image_size,
-                   options.exif_transpose, DEFAULT_MAX_PIXELS if options.max_pixels is None else options.max_pixels)
+                   options.exif_transpose, DEFAULT_MAX_PIXELS if options.max_pixels is None else options.max_pixels,
+                   options.decode)
 
     def __call__(self, path: str, data: bytes | None = None) -> Item:
         """`data`: the input's encoded bytes when they come from elsewhere (a Parquet column, a remote file, a
-        request); `path` then only names the input (in its row and its error)."""
+        tar shard, a request); `path` then only names the input (in its row and its error)."""
         try:
             if is_video_name(path):
                 if data is not None:
                     return self._video_from_bytes(path, data)
                 frames, indices = load_frames(path, num_segments=self.frames, max_pixels=self.max_pixels)
-                pixels = torch.stack([tile_transform(f, size=self.tile_size) for f in frames])
+                pixels = torch.stack([tile_pixels(f, size=self.tile_size) for f in frames])
                 return Item(path, pixels, size=frames[0].size, frame_indices=indices)
-            source = path if data is None else data
-            image = open_image(source, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
+            full = _FullSize(self)
+            image = open_image(path if data is None else data, exif_transpose=self.exif_transpose,
+                               max_pixels=self.max_pixels, draft=full if self.decode == "fast" else None)
+            size = full.size or image.size
             if self.tiles == "dynamic":
-                tiled = tile_image(image, max_tiles=self.max_tiles, tile_size=self.tile_size)
-                return Item(path, tiled.pixel_values, size=image.size, layout=tiled.layout)
-            return Item(path, self.processor(image)[None], size=image.size)
+                pixels, layout = dynamic_tile_pixels(image, max_tiles=self.max_tiles, tile_size=self.tile_size,
+                                                     source_size=size)
+                return Item(path, pixels, size=size, layout=layout)
+            return Item(path, self.processor.pixels(image, source_size=size)[None], size=size,
+                        norm=self.processor.normalization)
         except ImageLoadError as e:
             message = str(e)
             if data is not None:  # open_image names bytes "<bytes>"; the row's path is the useful name
@@ -186,6 +221,14 @@ class Prepare:
             return Item(path, error=f"{path}: {e}")
         except Exception as e:  # a decoder bug must not stop a million-image run
             return Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
+
+    def member(self, path: str, member: Member) -> Item:
+        """An input inside a tar shard: its bytes read at their offset, then prepared as `__call__` does."""
+        try:
+            data = read_member(member)
+        except Exception as e:  # a shard cut inside this member, a vanished file, a network error
+            return Item(path, error=f"{path}: {e}")
+        return self(path, data)
 
     def _video_from_bytes(self, path: str, data: bytes) -> Item:
         """PyAV reads files: spill the bytes to a temporary one, and name `path` in errors."""
@@ -199,6 +242,26 @@ class Prepare:
         if item.error is not None:
             item.error = item.error.replace(f.name, path)
         return item
+
+
+@dataclass
+class _FullSize:
+    """`open_image`'s `draft` target for `--decode fast`: the size the image is resized to (the largest resize of
+    its pipeline); it also keeps the full size, which the row and the tiling use."""
+
+    prepare: Prepare
+    size: tuple[int, int] | None = None
+
+    def __call__(self, width: int, height: int) -> tuple[int, int]:
+        self.size = (width, height)
+        p = self.prepare
+        if p.tiles == "dynamic":
+            cols, rows = choose_grid(width, height, max_tiles=p.max_tiles, tile_size=p.tile_size)
+            return cols * p.tile_size, rows * p.tile_size
+        if not p.processor.do_resize:
+            return width, height
+        out_h, out_w = _shortest_edge_size(height, width, p.processor.size)
+        return out_w, out_h
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -286,6 +349,12 @@ def load_model(options: ExtractOptions, device: str | torch.device | None = None
                               **({"layers": tuple(wanted)} if backend != "torch" else {}))
         source = model_name(model)
     vit.eval()
+    if options.compile:
+        if backend != "torch":
+            raise ValueError(f"--compile: compiles the torch encoder; the {backend} backend runs its own graph")
+        # The first forward compiles (tens of seconds for the 300M; docs/performance.md), and a batch of another
+        # size (the last one) compiles once more, with dynamic shapes.
+        vit.forward_intermediates = torch.compile(vit.forward_intermediates)
     if options.projector is not None and proj is None:
         proj = load_projector(options.projector, dtype=vit.dtype, device=device)
         wanted = (*options.layers, proj.config.select_layer)
@@ -330,12 +399,11 @@ def output_schema(options: ExtractOptions, loaded: LoadedModel):
     width = loaded.projector.config.llm_hidden_size if loaded.projector is not None else 4 * config.hidden_size
     metadata = {
         "model": loaded.source, "weights_fingerprint": loaded.fingerprint,
-        "dtype": str(loaded.vit.dtype).removeprefix("torch."), "backend": loaded.backend,
-        "precision": loaded.precision, "layers": list(layers),
+        "backend": loaded.backend, "compute_precision": loaded.precision, "layers": list(layers),
         "patch_tokens": bool(options.patch_tokens), "visual_tokens": bool(options.visual_tokens),
         "projector": model_name(options.projector) if options.projector is not None else None,
         "tiles": options.tiles, "max_tiles": options.max_tiles if options.tiles == "dynamic" else None,
-        "frames": options.frames, "preprocess": loaded.processor.to_dict(),
+        "frames": options.frames, "preprocess": loaded.processor.to_dict(), "decode": options.decode,
         "exif_transpose": bool(options.exif_transpose), "hidden_size": config.hidden_size,
     }
     return feature_schema(config.hidden_size, layers=layers, patch_tokens=options.patch_tokens,
@@ -343,41 +411,94 @@ def output_schema(options: ExtractOptions, loaded: LoadedModel):
 
 
 class RowEncoder:
-    """A batch of `Item`s -> the columns of their rows (errors included, input order kept).
+    """Tiles -> per-tile results on the host (`encode`), and finished `Item`s -> the columns of their rows (`rows`).
+
+    `encode` is the device's work for one batch of at most `micro_batch` tiles: the uint8 tiles are copied (from
+    pinned memory, without blocking), rescaled and normalized in fp32 (`Normalization`), encoded, and pooled per
+    tile (CLS, mean of the patch tokens, finiteness); one device-to-host copy brings the batch back. `__call__`
+    does both for a list of items (the server, the Ray actors); `extract/pipeline.py` overlaps them.
 
     Args:
         loaded: the model.
         layers: extra layers to pool (`hidden_states` indices); patch_tokens, visual_tokens: columns to add.
         micro_batch: tiles per forward.
+        allow_tf32: on CUDA, let fp32 convolutions and matmuls run in TF32.
     """
 
     def __init__(self, loaded: LoadedModel, *, layers=(), patch_tokens: bool = False, visual_tokens: bool = False,
-                 micro_batch: int = 8) -> None:
+                 micro_batch: int = 8, allow_tf32: bool = False) -> None:
         self.vit, self.projector, self.micro_batch = loaded.vit, loaded.projector, micro_batch
         self.patch_tokens, self.visual_tokens = patch_tokens, visual_tokens or loaded.projector is not None
+        self.allow_tf32 = allow_tf32
         L = self.vit.config.num_hidden_layers
         self.layers = layer_indices(layers, L)
         select = self.projector.config.select_layer if self.projector is not None else -1
         self.visual_layer = layer_indices((select,), L)[0]
         self.wanted = layer_indices((L, *self.layers, self.visual_layer), L)  # the last layer first
+        self.device = torch.device(self.vit.device)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.seconds = 0.0  # time in the encoder
         self.tiles = 0
 
     @classmethod
     def for_options(cls, loaded: LoadedModel, options: ExtractOptions) -> RowEncoder:
         return cls(loaded, layers=options.layers, patch_tokens=options.patch_tokens,
-                   visual_tokens=options.visual_tokens, micro_batch=options.batch_size)
+                   visual_tokens=options.visual_tokens, micro_batch=options.batch_size,
+                   allow_tf32=options.allow_tf32)
+
+    def __call__(self, items: list[Item]) -> dict:
+        """Encode the tiles of `items` (in micro-batches shared between them) and return their rows' columns."""
+        ok = [it for it in items if it.pixels is not None]
+        tiles = [(it, t) for it in ok for t in range(it.num_tiles)]
+        for start in range(0, len(tiles), self.micro_batch):
+            part = tiles[start:start + self.micro_batch]
+            pixels = torch.stack([it.pixels[t] for it, t in part])
+            scatter(self.encode(pixels, [it.norm for it, _ in part]).wait(), part)
+        return self.rows(items)
 
     @torch.inference_mode()
-    def __call__(self, items: list[Item]) -> dict:
-        ok = [it for it in items if it.pixels is not None]
-        t = time.perf_counter()
-        encoded = encode_tiles(self.vit, [it.pixels for it in ok], micro_batch=self.micro_batch, layers=self.wanted)
-        self.seconds += time.perf_counter() - t
-        self.tiles += sum(int(it.pixels.shape[0]) for it in ok)
-        for it, tokens in zip(ok, encoded):
-            it.tokens = tokens
-            if not all(bool(torch.isfinite(t).all()) for t in tokens):  # broken weights or inputs: not a success
+    def encode(self, pixels: torch.Tensor, norms: list[Normalization]) -> Encoded:
+        """uint8 tiles [B, 3, S, S] (pinned on CUDA) and each one's normalization -> their results, on the way to
+        the host (`Encoded.wait`). Nothing here waits for the device."""
+        cuda, uploaded = self.device.type == "cuda", None
+        if cuda:  # the copy runs on a side stream, beside the previous batch's forward
+            with torch.cuda.stream(self._copy_stream):
+                x = pixels.to(self.device, non_blocking=True)
+                uploaded = torch.cuda.Event()
+                uploaded.record()
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self._copy_stream)
+            x.record_stream(compute)
+        else:
+            x = pixels.to(self.device)
+        timer = _Timer(cuda)
+        x_BCSS = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        start = 0
+        for norm, n in _runs(norms):  # one run unless videos meet a custom preprocessor_config.json
+            x_BCSS[start:start + n] = norm(x[start:start + n])
+            start += n
+        with _device_flags(self.device, self.allow_tf32):
+            states = self.vit.forward_intermediates(x_BCSS.to(self.vit.dtype), self.wanted)
+        B, C = x.shape[0], self.vit.config.hidden_size
+        cls_BKC = torch.stack([t[:, 0].float() for t in states], 1)
+        mean_BKC = torch.stack([t[:, 1:].mean(1, dtype=torch.float32) for t in states], 1)  # float32 sums
+        finite_B1 = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in states]).all(0)[:, None]
+        out = {"pooled": torch.cat([cls_BKC.reshape(B, -1), mean_BKC.reshape(B, -1), finite_B1.float()], 1)}
+        if self.patch_tokens:
+            out["tokens"] = states[0].float()
+        if self.visual_tokens:
+            hidden = states[self.wanted.index(self.visual_layer)]
+            v = self.projector(hidden) if self.projector is not None else unshuffle_tokens(hidden)
+            out["visual"] = v.float()
+        host = {k: _to_host(v) for k, v in out.items()}
+        timer.stop()
+        self.tiles += B
+        return Encoded(host, timer, uploaded, self, len(self.wanted), C)
+
+    def rows(self, items: list[Item]) -> dict:
+        """Finished items (tiles encoded, `outputs` filled) -> the columns of their rows, in order."""
+        for it in items:
+            if it.pixels is not None and not all(o["finite"].all() for o in it.outputs):
                 it.error = f"{it.path}: non-finite features (NaN or inf in the encoder output)"
                 it.pixels = None
         valid = np.array([it.pixels is not None for it in items], dtype=bool)
@@ -387,36 +508,146 @@ class RowEncoder:
             "error": [it.error for it in items],
             "width": [it.size[0] if it.size else None for it in items],
             "height": [it.size[1] if it.size else None for it in items],
-            "num_tiles": [int(it.pixels.shape[0]) if it.pixels is not None else None for it in items],
+            "num_tiles": [it.num_tiles if it.pixels is not None else None for it in items],
             "grid_cols": [g[0] if g else None for g in grids],
             "grid_rows": [g[1] if g else None for g in grids],
             "frame_indices": [it.frame_indices for it in items],
         }
         C = self.vit.config.hidden_size
+        results = [_joined(it) if it.pixels is not None else None for it in items]
         for name, layer in [("", self.wanted[0])] + [(f"_l{i}", i) for i in self.layers]:
             k = self.wanted.index(layer)
             cls, mean = np.zeros((len(items), C), np.float32), np.zeros((len(items), C), np.float32)
-            for n, it in enumerate(items):
-                if it.pixels is not None:
-                    cls[n], mean[n] = _pool(it, it.tokens[k])
+            for n, (it, r) in enumerate(zip(items, results)):
+                if r is not None:
+                    cls[n] = r["cls"][:, k].mean(0) if it.frame_indices is not None else r["cls"][_whole_view(it), k]
+                    mean[n] = r["mean"][:, k].mean(0)
             columns["cls" + name] = _fixed_size_lists(cls, valid)
             columns["mean" + name] = _fixed_size_lists(mean, valid)
         if self.patch_tokens:
-            maps = [_features(it, it.tokens[0]).feature_map().cpu().numpy()
-                    if it.pixels is not None and it.frame_indices is None else None for it in items]
+            maps = [_features(it, torch.from_numpy(r["tokens"])).feature_map().numpy()
+                    if r is not None and it.frame_indices is None else None for it, r in zip(items, results)]
             columns["map_height"] = [m.shape[0] if m is not None else None for m in maps]
             columns["map_width"] = [m.shape[1] if m is not None else None for m in maps]
             columns["patch_tokens"] = _token_lists([m.reshape(-1, C) if m is not None else None for m in maps], C)
         if self.visual_tokens:
-            vis = [self._visual(it) if it.pixels is not None else None for it in items]
+            vis = [r["visual"].reshape(-1, r["visual"].shape[-1]) if r is not None else None for r in results]
             width = self.projector.config.llm_hidden_size if self.projector is not None else 4 * C
             columns["visual_tokens"] = _token_lists(vis, width)
         return columns
 
-    def _visual(self, it: Item) -> np.ndarray:
-        hidden = it.tokens[self.wanted.index(self.visual_layer)]
-        v = self.projector(hidden) if self.projector is not None else unshuffle_tokens(hidden)
-        return v.reshape(-1, v.shape[-1]).float().cpu().numpy()
+
+@dataclass
+class Encoded:
+    """A batch's results on their way to the host; `wait` returns them as numpy arrays per name, tile-major."""
+
+    host: dict[str, torch.Tensor]
+    timer: _Timer
+    upload: object  # CUDA: the event after the tiles' copy to the device
+    encoder: RowEncoder
+    layers: int
+    width: int
+
+    def uploaded(self) -> None:
+        """Wait until the tiles are on the device (their host buffer may then be refilled)."""
+        if self.upload is not None:
+            self.upload.synchronize()
+
+    def wait(self) -> dict[str, np.ndarray]:
+        self.encoder.seconds += self.timer.wait()
+        pooled = self.host["pooled"].numpy()
+        B, K, C = pooled.shape[0], self.layers, self.width
+        out = {"cls": pooled[:, :K * C].reshape(B, K, C), "mean": pooled[:, K * C:2 * K * C].reshape(B, K, C),
+               "finite": pooled[:, -1] > 0}
+        out.update({k: v.numpy() for k, v in self.host.items() if k != "pooled"})
+        return out
+
+
+def scatter(results: dict[str, np.ndarray], tiles: list[tuple[Item, int]]) -> None:
+    """Give each item its tiles' rows of a batch's results (`tiles`: the batch's (item, tile index), in order)."""
+    start = 0
+    while start < len(tiles):
+        item = tiles[start][0]
+        end = start
+        while end < len(tiles) and tiles[end][0] is item:
+            end += 1
+        item.outputs.append({k: v[start:end] for k, v in results.items()})
+        start = end
+
+
+def _joined(it: Item) -> dict[str, np.ndarray]:
+    """An item's per-tile results, its batches joined: [T, ...] per name."""
+    parts = it.outputs
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _whole_view(it: Item) -> int:
+    """The tile that saw the whole image: the thumbnail of a tiled image, else its single tile."""
+    return it.num_tiles - 1 if it.layout is not None and it.layout.thumbnail else 0
+
+
+def _runs(norms: list[Normalization]) -> list[tuple[Normalization, int]]:
+    """Consecutive equal normalizations -> (normalization, count)."""
+    runs: list[tuple[Normalization, int]] = []
+    for norm in norms:
+        if runs and runs[-1][0] == norm:
+            runs[-1] = (norm, runs[-1][1] + 1)
+        else:
+            runs.append((norm, 1))
+    return runs
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """Start the copy of `x` to the host: into pinned memory without blocking on CUDA; a CPU tensor as it is."""
+    if x.device.type != "cuda":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
+
+
+class _Timer:
+    """The device time of one batch: CUDA events (read once the batch is done), else the wall time."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        if cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+    def wait(self) -> float:
+        if self.cuda:
+            self.end.synchronize()  # the batch's results are on the host
+            return self.start.elapsed_time(self.end) / 1000
+        return self.seconds
+
+
+@contextlib.contextmanager
+def _device_flags(device: torch.device, allow_tf32: bool):
+    """On CUDA: TF32 as asked (cuDNN's default is on, which puts the patch embedding 2.7e-3 off CPU fp32), and the
+    SDPA backends in the order measured fastest (cuDNN's attention first on Hopper and newer)."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if torch.cuda.get_device_capability(device) >= (9, 0):
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        with sdpa_kernel(order, set_priority=True):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _features(it: Item, tokens_TNC: torch.Tensor) -> TiledFeatures:
@@ -426,14 +657,6 @@ def _features(it: Item, tokens_TNC: torch.Tensor) -> TiledFeatures:
         w, h = it.size
         layout = TileLayout((w, h), (1, 1), ((0.0, 0.0, float(w), float(h)),), False, int(it.pixels.shape[-1]))
     return TiledFeatures.from_tokens(layout, tokens_TNC.float())
-
-
-def _pool(it: Item, tokens_TNC: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(cls, mean) of one input at one layer: the CLS that saw the whole image (a video: the mean over its frames)
-    and the mean of every tile's patch tokens."""
-    t = tokens_TNC.float()
-    cls = t[:, 0].mean(0) if it.frame_indices is not None else _features(it, t).image_cls
-    return cls.cpu().numpy(), t[:, 1:].mean((0, 1)).cpu().numpy()
 
 
 def _fixed_size_lists(values: np.ndarray, valid: np.ndarray):

@@ -53,7 +53,7 @@ from internvit.extract.core import (
     options_from,
     output_schema,
 )
-from internvit.sources import list_inputs, read_bytes
+from internvit.sources import Member, list_inputs, read_bytes
 from internvit.extract.store import ShardStore, output_lock, shard_name, write_whole
 
 PREPARE_MEMORY = 1 << 30  # what each prepare task reserves: a worker with torch (~450 MB) + a 100 MP image (300 MB)
@@ -78,10 +78,19 @@ def _prepare_batch(batch, *, prepare: Prepare, skip: frozenset):
 
     torch.set_num_threads(1)  # as the local engine's loader workers: the encoder owns the cores
     paths = batch.column("path").to_pylist()
-    datas = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * len(paths)
+    column = {name: batch.column(name).to_pylist() if name in batch.column_names else [None] * len(paths)
+              for name in ("data", "error", "shard", "offset", "size")}
     items = []
-    for path, data in zip(paths, datas):
+    for i, (path, data) in enumerate(zip(paths, column["data"])):
         if path in skip:
+            continue
+        if column["error"][i] is not None:  # a broken tar shard
+            items.append(pickle.dumps(Item(path, error=column["error"][i]), protocol=5))
+            continue
+        if column["shard"][i] is not None:  # a tar member: its bytes at their offset
+            shard = column["shard"][i]
+            member = Member(shard, path[len(shard) + 1:], column["offset"][i], column["size"][i])
+            items.append(pickle.dumps(prepare.member(path, member), protocol=5))
             continue
         if data is None and is_uri(path):
             try:
@@ -222,7 +231,8 @@ def extract_features_ray(
             by_path = [p for p in todo if p not in by_bytes]
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
             actor_options = dataclasses.replace(options, model=os.fspath(options.model))
-            _run(by_path, tables, frozenset(done), prepare=Prepare.for_model(options, loaded),
+            _run(by_path, tables, frozenset(done), members=inputs.members, errors=inputs.errors,
+                 prepare=Prepare.for_model(options, loaded),
                  options=actor_options, schema=schema, out=out, summary=summary, address=address,
                  num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                  rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
@@ -233,10 +243,21 @@ def extract_features_ray(
         return summary
 
 
-def _run(by_path, tables, done, *, prepare, options, schema, out, summary, address, num_actors, gpus_per_actor,
-         cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
-    started, summary.load_seconds = connect(address)
+def _input_block(paths: list[str], members: dict, errors: dict):
+    """Paths -> a block of inputs; tar members carry where their bytes are, a broken shard its error."""
     import pyarrow as pa
+
+    block = {"path": paths}
+    if any(p in members or p in errors for p in paths):
+        found = [members.get(p) for p in paths]
+        block.update(shard=[m.shard if m else None for m in found], offset=[m.offset if m else None for m in found],
+                     size=[m.size if m else None for m in found], error=[errors.get(p) for p in paths])
+    return pa.table(block)
+
+
+def _run(by_path, tables, done, *, members, errors, prepare, options, schema, out, summary, address, num_actors,
+         gpus_per_actor, cpus_per_actor, rows_per_shard, path_column, bytes_column, stall_timeout) -> None:
+    started, summary.load_seconds = connect(address)
     import ray
     import ray.data
 
@@ -250,7 +271,7 @@ def _run(by_path, tables, done, *, prepare, options, schema, out, summary, addre
         # Inputs per block (one prepare task each, and the unit the actors are fed in): one batch, so that small
         # runs spread over every actor, but at most MAX_INPUT_BLOCKS blocks (each is a put by the driver).
         step = batch_size * max(1, -(-len(by_path) // (batch_size * MAX_INPUT_BLOCKS)))
-        blocks = [pa.table({"path": by_path[i:i + step]}) for i in range(0, len(by_path), step)]
+        blocks = [_input_block(by_path[i:i + step], members, errors) for i in range(0, len(by_path), step)]
         pool = size_pool(num_actors, cpus_per_actor, gpus_per_actor, None if tables else len(blocks))
         summary.num_actors = pool.num_actors
         # The memory reservation bounds concurrent decodes of huge images per node, and makes these tasks' remote

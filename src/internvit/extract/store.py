@@ -30,8 +30,10 @@ METADATA_KEY = b"internvit"
 # Settings that must agree between a file and a run that appends to it.
 # Everything that determines a row's features: the weights (by content, see `weights.files_fingerprint`), the model
 # path, the preprocessing (EXIF orientation included) and what is stored.
-COMPATIBLE_KEYS = ("model", "weights_fingerprint", "dtype", "backend", "precision", "layers", "patch_tokens", "visual_tokens", "projector",
-                   "tiles", "max_tiles", "frames", "preprocess", "exif_transpose", "hidden_size")
+COMPATIBLE_KEYS = ("model", "weights_fingerprint", "backend", "compute_precision", "stored_dtype", "layers",
+                   "patch_tokens", "visual_tokens", "projector", "tiles", "max_tiles", "frames", "preprocess",
+                   "decode", "exif_transpose", "hidden_size")
+STORED_DTYPE = "float32"  # what every feature column of `feature_schema` holds, whatever the encoder computed in
 
 
 class OutputMismatchError(ValueError):
@@ -44,7 +46,7 @@ class OutputLockedError(ValueError):
 
 def check_compatible(have: dict, wanted: dict, *, path: object) -> None:
     """Refuse to add rows made with `wanted` settings to a file written with `have`, naming each differing field."""
-    have = {**_legacy_defaults(have), **have}
+    have = upgrade_metadata(have)
     diff = {k: (have.get(k), wanted.get(k)) for k in COMPATIBLE_KEYS if have.get(k) != wanted.get(k)}
     if diff:
         shown = ", ".join(f"{k}: file has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
@@ -52,10 +54,21 @@ def check_compatible(have: dict, wanted: dict, *, path: object) -> None:
                                   "features: use the same model and options, or choose another --out")
 
 
-def _legacy_defaults(have: dict) -> dict:
-    """Outputs written before backends existed were made by torch in their `dtype`: resuming them still works."""
+def upgrade_metadata(meta: dict) -> dict:
+    """Metadata of any version under today's names: `compute_precision` (what the encoder computed in: fp32, bf16,
+    fp16, int8) and `stored_dtype` (what the feature columns hold). Earlier outputs recorded `dtype` (the torch
+    model's dtype, an exported encoder's float32 inputs) and, once backends existed, `backend` and `precision` (the
+    compute precision); before backends, torch computed in `dtype`. Every version stored float32; before `--decode`,
+    every output was decoded exactly."""
+    if not meta:
+        return meta
+    if "compute_precision" in meta:
+        return {"decode": "exact", **meta}
+    old = dict(meta)
+    dtype, precision = old.pop("dtype", None), old.pop("precision", None)
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    return {"backend": "torch", "precision": short.get(have.get("dtype"), have.get("dtype"))}
+    return {"backend": "torch", "decode": "exact", **old, "compute_precision": precision or short.get(dtype, dtype),
+            "stored_dtype": STORED_DTYPE}
 
 
 def unreadable_output(path: object, error: Exception) -> OutputMismatchError:
@@ -107,17 +120,23 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def read_errors(out: str | os.PathLike) -> list[tuple[str, str]]:
-    """(path, error) of every error row of an output (a Parquet file or a folder of shards), in file order."""
-    table = pq.read_table(out, columns=["path", "error"])
-    table = table.filter(table.column("error").is_valid())
-    return list(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
+def read_errors(out: str | os.PathLike) -> tuple[int, list[tuple[str, str]]]:
+    """The number of rows of an output (a Parquet file or a folder of shards) and (path, error) of each error
+    row, in file order. Raises `FileNotFoundError` or `ValueError` naming `out` when it is not such an output."""
+    try:
+        table = pq.read_table(out, columns=["path", "error"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out}: no such file or folder") from None
+    except (pa.ArrowException, OSError) as e:  # not Parquet, or Parquet without our columns
+        raise ValueError(f"{out}: not an output of internvit extract ({' '.join(str(e).split())})") from None
+    errors = table.filter(table.column("error").is_valid())
+    return table.num_rows, list(zip(errors.column("path").to_pylist(), errors.column("error").to_pylist()))
 
 
 def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_tokens: bool = False,
                    visual_tokens: int = 0, metadata: dict | None = None) -> pa.Schema:
     """The output columns (see `extract/local.py` and the README for their meaning)."""
-    vec = pa.list_(pa.float32(), hidden_size)
+    vec = pa.list_(pa.float32(), hidden_size)  # STORED_DTYPE
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("error", pa.string()),
@@ -137,7 +156,7 @@ def feature_schema(hidden_size: int, *, layers: tuple[int, ...] = (), patch_toke
                    pa.field("patch_tokens", pa.list_(vec))]
     if visual_tokens:
         fields.append(pa.field("visual_tokens", pa.list_(pa.list_(pa.float32(), visual_tokens))))
-    meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
+    meta = {METADATA_KEY: json.dumps({**(metadata or {}), "stored_dtype": STORED_DTYPE}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=meta)
 
 
@@ -262,6 +281,8 @@ class FeatureStore:
         atomic_write(self.out, write)
         for path in files[1:] if files[0] == self.out else files:
             path.unlink()
+        for tmp in self.parts.glob(".part-*.tmp"):  # a part a killed run was writing (we hold the lock)
+            tmp.unlink()
         try:
             self.parts.rmdir()
         except OSError:

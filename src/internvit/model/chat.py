@@ -11,7 +11,11 @@ References:
 Differs from InternVL: no remote code of our own and no flash-attn (the LLM is whatever `AutoModelForCausalLM`
 builds, with its own attention); the LLM is imported lazily (`[train]` extra: transformers). An LLM that brings its
 own code (InternLM2.5 in InternVL2_5-8B: `llm_config.auto_map` -> `modeling_internlm2.py` next to config.json) runs
-only with `trust_remote_code=True`, and `save_pretrained` copies that code into the chat checkpoint.
+only with `trust_remote_code=True`, and `save_pretrained` copies that code into the chat checkpoint. `chat()`
+defaults to the tile budget the checkpoint records (`max_dynamic_patch`, which training sets to its data's; InternVL's
+`chat()` takes 12 unless told), shared by the images of a question as in training (InternVL's model card tiles each
+image up to the budget), and reads a video's frames as training does with `sample='middle'` (`Frame-i:`, as the
+training prompts; the model card uses `get_index` and `Frame{i}:`).
 """
 
 from __future__ import annotations
@@ -19,20 +23,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from internvit._fileio import atomic_write
-from internvit.checkpoint import CheckpointError, parse_dtype, read_state_dict, resolve, save_pretrained
+from internvit.checkpoint import (CheckpointError, hub_kwargs, offline_error, parse_dtype, read_state_dict, resolve,
+                                  save_pretrained)
 from internvit.config import InternVisionConfig
 from internvit.model.llm import build_llm, remote_class
 from internvit.model.projector import ProjectorConfig, unshuffle_tokens
 from internvit.model.template import DEFAULT_SYSTEM, IMG_CONTEXT_TOKEN, image_tokens, render_template
 from internvit.model.vision import InternVisionModel
-from internvit.preprocess.tiling import tile_image
+from internvit.preprocess.tiling import tile_budget, tile_image
+from internvit.preprocess.video import train_frames
 from internvit.registry import DEFAULT_MAX_TILES
+
+MIN_NUM_FRAME, MAX_NUM_FRAME = 8, 32  # InternVL 2.5's training frame counts (a chat config without them has these)
 
 class InternVLChatModel(nn.Module):
     """ViT + `mlp1` + LLM with InternVL's parameter names, so a chat checkpoint loads with strict keys.
@@ -43,10 +52,14 @@ class InternVLChatModel(nn.Module):
         projector: sizes and pixel-unshuffle settings (llm width, downsample ratio, ps_version, select_layer).
         img_context_token_id: the id of `<IMG_CONTEXT>` in the tokenizer.
         template: chat template name stored in the config.
+        max_dynamic_patch: the tile budget of a sample the model was trained with (InternVL's config key), which
+            `chat()` uses by default; training sets it to the budget of its data.
+        min_num_frame, max_num_frame: the frame counts of its training videos; `chat()` takes `min_num_frame`.
     """
 
     def __init__(self, vision_model: InternVisionModel, language_model: nn.Module, projector: ProjectorConfig, *,
-                 img_context_token_id: int, template: str = "internvl2_5") -> None:
+                 img_context_token_id: int, template: str = "internvl2_5", max_dynamic_patch: int = DEFAULT_MAX_TILES,
+                 min_num_frame: int = MIN_NUM_FRAME, max_num_frame: int = MAX_NUM_FRAME) -> None:
         super().__init__()
         self.vision_model = vision_model
         self.language_model = language_model
@@ -56,6 +69,7 @@ class InternVLChatModel(nn.Module):
                                   nn.Linear(projector.llm_hidden_size, projector.llm_hidden_size))
         self.img_context_token_id = img_context_token_id
         self.template = template
+        self.max_dynamic_patch, self.min_num_frame, self.max_num_frame = max_dynamic_patch, min_num_frame, max_num_frame
         grid = vision_model.config.grid_size
         self.num_image_token = int(grid * grid * projector.downsample_ratio**2)
 
@@ -126,24 +140,42 @@ class InternVLChatModel(nn.Module):
         out = self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         return [t.split("<|im_end|>")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=False)]
 
-    def chat(self, tokenizer, images, question: str, *, max_tiles: int = DEFAULT_MAX_TILES, system: str = DEFAULT_SYSTEM,
-             **generate_kwargs) -> str:
-        """Answer a question about zero or more images (paths or PIL images), as InternVL's `chat()`."""
-        return self.batch_chat(tokenizer, [images], [question], max_tiles=max_tiles, system=system,
-                               **generate_kwargs)[0]
+    def chat(self, tokenizer, images, question: str, *, video=None, max_tiles: int | None = None,
+             num_frames: int | None = None, system: str = DEFAULT_SYSTEM, **generate_kwargs) -> str:
+        """Answer a question about zero or more images (paths or PIL images) or one video, as InternVL's `chat()`.
 
-    def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, max_tiles: int = DEFAULT_MAX_TILES,
-                   system: str = DEFAULT_SYSTEM, **generate_kwargs) -> list[str]:
+        The defaults are the settings the model was trained with: `max_tiles` its `max_dynamic_patch` (shared by
+        the images of a question, as in training), `num_frames` its `min_num_frame` (a video file, an animated
+        GIF or a folder of frames: each segment's middle frame, each frame one tile, as `Frame-i: <image>`)."""
+        return self.batch_chat(tokenizer, [images], [question], videos=[video], max_tiles=max_tiles,
+                               num_frames=num_frames, system=system, **generate_kwargs)[0]
+
+    def batch_chat(self, tokenizer, images_per_sample, questions: list[str], *, videos=None,
+                   max_tiles: int | None = None, num_frames: int | None = None, system: str = DEFAULT_SYSTEM,
+                   **generate_kwargs) -> list[str]:
+        """`chat()` for several questions at once (left-padded, one generate call)."""
+        max_tiles = max_tiles or self.max_dynamic_patch
+        num_frames = num_frames or self.min_num_frame
+        size = self.vision_model.config.image_size
         prompts, pixels = [], []
-        for images, question in zip(images_per_sample, questions):
+        for images, video, question in zip(images_per_sample, videos or [None] * len(questions), questions):
             images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-            tiled = [tile_image(im, max_tiles=max_tiles, tile_size=self.vision_model.config.image_size)
-                     for im in images]
-            if images and "<image>" not in question:
-                if len(images) == 1:
-                    question = "<image>\n" + question
-                else:
-                    question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + question
+            if images and video is not None:
+                raise ValueError("a question takes images or a video, not both")
+            if video is not None:  # training's frames (InternVL's read_frames_*), each segment's middle one
+                frames, _ = train_frames(video, seed=0, min_num_frames=num_frames, max_num_frames=num_frames,
+                                         sample="middle")
+                tiled = [tile_image(f, max_tiles=1, tile_size=size) for f in frames]
+                prefix = "".join(f"Frame-{i + 1}: <image>\n" for i in range(len(frames)))
+                question = question.replace("<video>\n", prefix) if "<video>" in question else prefix + question
+            else:
+                budget = tile_budget(len(images), max_tiles) if images else max_tiles
+                tiled = [tile_image(im, max_tiles=budget, tile_size=size) for im in images]
+                if images and "<image>" not in question:
+                    if len(images) == 1:
+                        question = "<image>\n" + question
+                    else:
+                        question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + question
             for t in tiled:
                 question = question.replace("<image>", image_tokens(t.pixel_values.shape[0], self.num_image_token), 1)
             prompts.append(render_template([("user", question), ("assistant", None)], system))
@@ -182,7 +214,8 @@ class InternVLChatModel(nn.Module):
             "downsample_ratio": p.downsample_ratio, "ps_version": p.ps_version, "select_layer": p.select_layer,
             "template": self.template, "force_image_size": self.vision_model.config.image_size,
             "img_context_token_id": self.img_context_token_id, "dynamic_image_size": True, "use_thumbnail": True,
-            "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+            "min_dynamic_patch": 1, "max_dynamic_patch": self.max_dynamic_patch,
+            "min_num_frame": self.min_num_frame, "max_num_frame": self.max_num_frame,
         }
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, tokenizer=None, max_shard_bytes: int = 2 << 30,
@@ -253,7 +286,10 @@ class InternVLChatModel(nn.Module):
                 llm.tie_weights()  # skipped by no_init_weights: lm_head must share the embedding before loading
             model = cls(vision, llm, ProjectorConfig.from_chat_config(cfg),
                         img_context_token_id=img_context_token_id or cfg.get("img_context_token_id")
-                        or _img_context_token_id(ckpt), template=cfg.get("template", "internvl2_5"))
+                        or _img_context_token_id(ckpt), template=cfg.get("template", "internvl2_5"),
+                        max_dynamic_patch=cfg.get("max_dynamic_patch", DEFAULT_MAX_TILES),
+                        min_num_frame=cfg.get("min_num_frame", MIN_NUM_FRAME),
+                        max_num_frame=cfg.get("max_num_frame", MAX_NUM_FRAME))
         finally:
             torch.set_default_dtype(default)
         sd = read_state_dict(ckpt, prefixes=("vision_model.", "mlp1.", "language_model."))
@@ -264,6 +300,18 @@ class InternVLChatModel(nn.Module):
 
             raise CheckpointError(f"{path}: chat checkpoint mismatch; missing {missing[:10]}, unexpected {unexpected[:10]}")
         return model.eval()  # no .to(target): it would round the LLM's fp32 rotary inv_freq buffer to bf16
+
+    @staticmethod
+    def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
+        """The tokenizer saved with a chat checkpoint (`RUN/final/` holds it), with InternVL's special tokens."""
+        from transformers import AutoTokenizer
+
+        offline = hub_kwargs(str(path))
+        with quiet_transformers():  # it reads config.json, whose model_type internvl_chat it does not know
+            try:
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **offline)
+            except OSError as e:
+                raise (offline_error(str(path), "the chat checkpoint", e) if offline else e) from None
 
     def export_vision(self, out_dir: str | os.PathLike, *, dtype="bf16",
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -295,3 +343,20 @@ def _img_context_token_id(ckpt) -> int:
             return found[IMG_CONTEXT_TOKEN]
     raise CheckpointError(f"{ckpt.source}: config.json has no img_context_token_id and no tokenizer file next to "
                           f"it names {IMG_CONTEXT_TOKEN}; pass img_context_token_id=")
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for a while (loading our checkpoints, whose config.json
+    names `internvl_chat`, makes it warn "You are using a model of type internvl_chat to instantiate ...")."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

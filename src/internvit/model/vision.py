@@ -11,7 +11,8 @@ Differs from the official code:
       fp32), or the official naive path computed one block of queries at a time (`blocked_attention`), whichever
       `autotune.py` measured faster on this CPU (static default without a measurement: blocked for bf16/fp16 on
       CPU); `attn_implementation="eager"` is the official naive path as written.
-    - Drop-path rates are plain Python floats, so the model can be built on the meta device (spec §7.4).
+    - Drop-path rates are plain Python floats, so the model can be built on the meta device (spec §7.4), and
+      there the random init draws nothing (`randn_unless_meta`), which keeps torch._dynamo's import out of loading.
     - The position-embedding interpolation is skipped when the patch grid is the native one: bicubic at scale 1
       is the identity (cubic weights 0, 1, 0, 0), so the result is the same and a copy is saved (spec §2.2).
     - Gradient checkpointing is off unless asked for (the official encoder turns it on in training).
@@ -80,13 +81,21 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def randn_unless_meta(*shape: int) -> torch.Tensor:
+    """`torch.randn(*shape)` (the same draws), except on the meta device, where nothing is drawn: torch's meta
+    kernels for randn, normal_ and mul are Python functions whose first call imports torch._dynamo (~1.5 s), the
+    bulk of a fresh process's `from_pretrained`."""
+    x = torch.empty(*shape)
+    return x if x.is_meta else x.normal_()
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
         self.grid_size = config.grid_size
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.class_embedding = nn.Parameter(randn_unless_meta(1, 1, config.hidden_size))
         self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Parameter(torch.randn(1, config.num_positions, config.hidden_size))
+        self.position_embedding = nn.Parameter(randn_unless_meta(1, config.num_positions, config.hidden_size))
 
     def _patch_position_embedding(self, h: int, w: int) -> torch.Tensor:
         pos_1MC = self.position_embedding[:, 1:]
@@ -225,8 +234,9 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.norm1 = make_norm(config, C)
         self.norm2 = make_norm(config, C)
-        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(C))
-        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(C))
+        # torch.full, not factor * ones: see `randn_unless_meta`
+        self.ls1 = nn.Parameter(torch.full((C,), config.initializer_factor))
+        self.ls2 = nn.Parameter(torch.full((C,), config.initializer_factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # `.to(x.dtype)` after the norms matters under autocast (HEAD code, spec §2.5.3).

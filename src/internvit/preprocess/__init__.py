@@ -12,7 +12,10 @@ from .transforms import IMAGENET_MEAN as IMAGENET_MEAN
 from .transforms import IMAGENET_STD as IMAGENET_STD
 from .transforms import ImageProcessor as ImageProcessor
 from .transforms import tile_transform as tile_transform
+from .transforms import Normalization as Normalization
+from .transforms import tile_pixels as tile_pixels
 from .transforms import to_tensor_normalized as to_tensor_normalized
+from .transforms import uint8_pixels as uint8_pixels
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -20,8 +23,11 @@ __all__ = [
     "IMAGENET_STD",
     "ImageLoadError",
     "ImageProcessor",
+    "Normalization",
     "open_image",
+    "tile_pixels",
     "tile_transform",
     "to_rgb",
     "to_tensor_normalized",
+    "uint8_pixels",
 ]

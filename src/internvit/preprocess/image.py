@@ -24,7 +24,7 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,6 +62,7 @@ def open_image(
     *,
     exif_transpose: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Open a path, encoded bytes or a PIL image as a fully loaded RGB image.
 
@@ -73,6 +74,9 @@ def open_image(
         exif_transpose: Rotate/flip by the EXIF orientation tag (`ImageOps.exif_transpose`).
         max_pixels: Largest width * height accepted, checked from the header before decoding;
             `None` for no limit.
+        draft: `--decode fast`: called with the image's full (oriented) size, returns the size it will be resized
+            to; a JPEG at least twice that size in both directions is decoded at 1/2, 1/4 or 1/8 scale (Pillow's
+            `draft`, libjpeg's DCT scaling), never below it. Other formats decode in full.
 
     Returns:
         A loaded image in mode "RGB": a new image, except that an RGB `PIL.Image` source comes back itself
@@ -85,16 +89,17 @@ def open_image(
     """
     if isinstance(source, Image.Image):
         name = str(getattr(source, "filename", "") or "<PIL image>")
-        return _finish(source, name, owned=False, exif_transpose=exif_transpose, max_pixels=max_pixels)
+        return _finish(source, name, owned=False, exif_transpose=exif_transpose, max_pixels=max_pixels, draft=None)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageLoadError("<bytes>: empty input (0 bytes)")
         with _open_pil(io.BytesIO(source), "<bytes>") as im:
-            return _finish(im, "<bytes>", owned=True, exif_transpose=exif_transpose, max_pixels=max_pixels)
+            return _finish(im, "<bytes>", owned=True, exif_transpose=exif_transpose, max_pixels=max_pixels,
+                           draft=draft)
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         with _open_file(name) as fp, _open_pil(fp, name) as im:
-            return _finish(im, name, owned=True, exif_transpose=exif_transpose, max_pixels=max_pixels)
+            return _finish(im, name, owned=True, exif_transpose=exif_transpose, max_pixels=max_pixels, draft=draft)
     raise TypeError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
 
 
@@ -202,7 +207,8 @@ def _open_pil(fp: io.IOBase, name: str) -> Iterator[Image.Image]:
 
 
 def _finish(
-    im: Image.Image, name: str, *, owned: bool, exif_transpose: bool, max_pixels: int | None
+    im: Image.Image, name: str, *, owned: bool, exif_transpose: bool, max_pixels: int | None,
+    draft: Callable[[int, int], tuple[int, int]] | None,
 ) -> Image.Image:
     """Check the size, decode, orient and convert an opened (possibly lazy) image.
 
@@ -213,6 +219,8 @@ def _finish(
         raise ImageLoadError(
             f"{name}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
         )
+    if draft is not None and im.format == "JPEG":
+        _draft(im, draft, exif_transpose)
     try:
         im.load()
     except Image.DecompressionBombError as e:
@@ -236,3 +244,14 @@ def _finish(
         # Closing an image frees its pixels: return a copy detached from the file the caller will close.
         rgb = opened.copy()
     return rgb
+
+
+def _draft(im: Image.Image, target: Callable[[int, int], tuple[int, int]], exif_transpose: bool) -> None:
+    """Ask libjpeg for the smallest DCT scale that keeps `im` at least the target size (in stored orientation)."""
+    width, height = im.size
+    try:
+        rotated = exif_transpose and im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap axes
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: `_finish` then keeps the pixels unrotated
+        rotated = False
+    w, h = target(*((height, width) if rotated else (width, height)))
+    im.draft(None, (h, w) if rotated else (w, h))

@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from PIL import Image
 
 from internvit.registry import DEFAULT_MAX_TILES
 
 from .image import ImageSource, open_image
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_normalized
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 TILE_SIZE = 448
 # InternVL uses up to 12 tiles (40 at most in its evaluations). The grid search is cubic in the budget and an
@@ -120,18 +121,39 @@ def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DE
     Returns:
         The tiles (tile_size x tile_size PIL images, thumbnail last) and their layout.
     """
-    width, height = image.size
+    layout = _layout(image.size, min_tiles, max_tiles, tile_size, use_thumbnail)
+    (cols, rows), S = layout.grid, tile_size
+    resized = image.resize((cols * S, rows * S), Image.Resampling.BICUBIC)
+    tiles = [resized.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
+    if layout.thumbnail:
+        tiles.append(image.resize((S, S), Image.Resampling.BICUBIC))
+    return tiles, layout
+
+
+def dynamic_tile_pixels(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
+                        tile_size: int = TILE_SIZE, use_thumbnail: bool = True,
+                        source_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, TileLayout]:
+    """`dynamic_tiles` as one uint8 tensor [T, 3, S, S] (the same pixels; the crops are array slices).
+
+    `source_size`: the image's full size when it was decoded at a reduced scale (JPEG draft): the grid and the
+    layout are chosen from it, as for the full image.
+    """
+    layout = _layout(source_size or image.size, min_tiles, max_tiles, tile_size, use_thumbnail)
+    (cols, rows), S = layout.grid, tile_size
+    resized_HWC = np.asarray(image.resize((cols * S, rows * S), Image.Resampling.BICUBIC))
+    tiles_TCSS = np.empty((layout.num_tiles, 3, S, S), np.uint8)
+    tiles_TCSS[: cols * rows] = resized_HWC.reshape(rows, S, cols, S, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, S, S)
+    if layout.thumbnail:
+        tiles_TCSS[-1] = np.asarray(image.resize((S, S), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    return torch.from_numpy(tiles_TCSS), layout
+
+
+def _layout(size: tuple[int, int], min_tiles: int, max_tiles: int, tile_size: int, use_thumbnail: bool) -> TileLayout:
+    width, height = size
     cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size)
-    resized = image.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
-    tiles, boxes = [], []
-    for r in range(rows):
-        for c in range(cols):
-            tiles.append(resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)))
-            boxes.append((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows))
-    thumbnail = use_thumbnail and len(tiles) != 1
-    if thumbnail:
-        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
-    return tiles, TileLayout((width, height), (cols, rows), tuple(boxes), thumbnail, tile_size)
+    boxes = tuple((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
+                  for r in range(rows) for c in range(cols))
+    return TileLayout((width, height), (cols, rows), boxes, use_thumbnail and len(boxes) != 1, tile_size)
 
 
 @dataclass
@@ -150,9 +172,9 @@ def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = DEFAU
     for a same-size resize) and only the normalization remains.
     """
     rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else open_image(image)
-    tiles, layout = dynamic_tiles(rgb, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
-                                  use_thumbnail=use_thumbnail)
-    return TiledImage(torch.stack([to_tensor_normalized(t, mean, std) for t in tiles]), layout)
+    pixels, layout = dynamic_tile_pixels(rgb, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
+                                         use_thumbnail=use_thumbnail)
+    return TiledImage(Normalization(1 / 255, mean, std)(pixels), layout)
 
 
 def tile_images(images: Sequence[ImageSource], *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,

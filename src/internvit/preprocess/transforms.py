@@ -27,6 +27,7 @@ Differs from transformers' `CLIPImageProcessorPil`:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -48,6 +49,50 @@ _PIL_FILTERS = (0, 1, 2, 3, 4, 5)  # nearest, lanczos, bilinear, bicubic, box, h
 MAX_RESIZE_PIXELS = 1 << 26
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """The arithmetic that turns 8-bit pixels into the encoder's input: `(pixels * scale - mean) / std` in float32.
+
+    Loader workers hand over uint8 tiles with their `Normalization`; the extraction core applies it on the device
+    (`__call__`), with the same operations as `to_tensor_normalized`, so the features do not change.
+    """
+
+    scale: float = 1 / 255
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, H, W] (any device) -> float32 of the same shape.
+
+        Bit-identical to both references: transformers rescales in float64 and casts to float32, torchvision's
+        `ToTensor` divides by 255 in float32, and for integers 0..255 the two round to the same float32; the
+        subtraction and division then run in float32 with float32 mean/std, as in both.
+        """
+        if self.scale == 1 / 255:  # the same float32 for each of the 256 values, at a third of the memory traffic
+            x = pixels.to(torch.float32).div_(255)
+        else:
+            x = pixels.to(torch.float64).mul_(self.scale).to(torch.float32)
+        if self.mean is None:
+            return x
+        if self.std is None:
+            raise ValueError("std is required when mean is given")
+        return x.sub_(_channel_values(tuple(self.mean), x.device)).div_(_channel_values(tuple(self.std), x.device))
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel constants [C, 1, 1] in float32 on `device`, made once (a copy to a GPU would wait for it)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def uint8_pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """8-bit RGB pixels as a uint8 tensor [3, H, W] (a channels-last view: no copy beyond the array's own)."""
+    pixels_HWC = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    if pixels_HWC.ndim != 3 or pixels_HWC.shape[2] != 3:
+        raise ValueError(f"expected RGB pixels [H, W, 3], got shape {pixels_HWC.shape}")
+    return torch.from_numpy(pixels_HWC).permute(2, 0, 1)
+
+
 def to_tensor_normalized(
     image: Image.Image | np.ndarray,
     mean: tuple[float, ...] | None,
@@ -55,12 +100,9 @@ def to_tensor_normalized(
     *,
     scale: float = 1 / 255,
 ) -> torch.Tensor:
-    """Turn 8-bit RGB pixels into a normalized float32 tensor: `(pixels * scale - mean) / std`.
+    """Turn 8-bit RGB pixels into a normalized float32 tensor: `(pixels * scale - mean) / std` (`Normalization`).
 
-    The one conversion step shared by `ImageProcessor` and `tile_transform`. It is bit-identical to both
-    references: transformers rescales in float64 and casts to float32, torchvision's `ToTensor` divides by 255
-    in float32, and for integers 0..255 the two round to the same float32; the subtraction and division then
-    run in float32 with float32 mean/std, as in both.
+    The one conversion step shared by `ImageProcessor` and `tile_transform`.
 
     Args:
         image: An RGB `PIL.Image` or a uint8 array [H, W, 3].
@@ -71,17 +113,13 @@ def to_tensor_normalized(
     Returns:
         A float32 tensor [3, H, W].
     """
-    pixels_HWC = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
-    if pixels_HWC.ndim != 3 or pixels_HWC.shape[2] != 3:
-        raise ValueError(f"expected RGB pixels [H, W, 3], got shape {pixels_HWC.shape}")
-    x_CHW = torch.from_numpy(pixels_HWC).permute(2, 0, 1).to(torch.float64).mul_(scale).to(torch.float32)
-    if mean is not None:
-        if std is None:
-            raise ValueError("std is required when mean is given")
-        mean_C11 = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        std_C11 = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        x_CHW = (x_CHW - mean_C11) / std_C11
-    return x_CHW.contiguous()
+    return Normalization(scale, mean, std if mean is not None else None)(uint8_pixels(image)).contiguous()
+
+
+def tile_pixels(image: ImageSource, *, size: int = 448) -> torch.Tensor:
+    """`tile_transform` before its normalization: the squash to `size` x `size`, as uint8 [3, size, size]."""
+    # torchvision's Resize((s, s), BICUBIC) on a PIL image is exactly this call (antialias does not apply to PIL).
+    return uint8_pixels(_load_rgb(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def tile_transform(
@@ -105,10 +143,7 @@ def tile_transform(
     Returns:
         A float32 tensor [3, size, size].
     """
-    rgb = _load_rgb(image)
-    # torchvision's Resize((s, s), BICUBIC) on a PIL image is exactly this call (antialias does not apply to PIL).
-    resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return to_tensor_normalized(resized, mean, std)
+    return Normalization(1 / 255, mean, std)(tile_pixels(image, size=size)).contiguous()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +252,7 @@ class ImageProcessor:
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+    def resize_and_crop(self, image: Image.Image, *, source_size: tuple[int, int] | None = None) -> Image.Image:
         """The geometric part: shortest edge to `size`, then the `crop_size` center crop (uint8 RGB in and out).
 
         Raises:
@@ -226,7 +261,7 @@ class ImageProcessor:
         """
         if self.do_resize:
             width, height = image.size
-            out_h, out_w = _shortest_edge_size(height, width, self.size)
+            out_h, out_w = _shortest_edge_size(*(source_size or image.size)[::-1], self.size)
             wide = self.do_center_crop and out_w > self.crop_size and self.resample != Image.Resampling.NEAREST
             # Pillow resizes horizontally, then vertically: the intermediates below are what each pass makes.
             largest = out_w * height if wide else out_w * max(height, out_h)
@@ -280,10 +315,22 @@ class ImageProcessor:
             return torch.stack(tensors)
         return self._one(images)
 
-    def _one(self, image: ImageSource) -> torch.Tensor:
-        pixels = self.resize_and_crop(_load_rgb(image))
+    @property
+    def normalization(self) -> Normalization:
+        """The rescale and normalize steps (applied to `pixels`' output, on any device)."""
         mean, std = (self.image_mean, self.image_std) if self.do_normalize else (None, None)
-        return to_tensor_normalized(pixels, mean, std, scale=self.rescale_factor if self.do_rescale else 1.0)
+        return Normalization(self.rescale_factor if self.do_rescale else 1.0, mean, std)
+
+    def pixels(self, image: ImageSource, *, source_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The geometric steps only: uint8 [3, H, W] (`normalization` makes them the processor's output).
+
+        `source_size`: the size to compute the resize from when `image` was decoded at a reduced scale (JPEG
+        draft); the output then has the same size as for the full image.
+        """
+        return uint8_pixels(self.resize_and_crop(_load_rgb(image), source_size=source_size))
+
+    def _one(self, image: ImageSource) -> torch.Tensor:
+        return self.normalization(self.pixels(image)).contiguous()
 
 
 def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:

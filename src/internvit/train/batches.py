@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from internvit.model.template import IGNORE_INDEX
-from internvit.train.data import collate
+from internvit.train.data import SampleError, collate
 from internvit.train.loss import token_weights
 
 
@@ -129,10 +129,10 @@ class MicroBatches:
     """The micro-batches one training process sees, packed or padded, skipping unusable samples.
 
     A sample that raises `SampleError` (unreadable media, placeholder mismatch, truncated image tokens) or another
-    ValueError is reported through `on_skip(index, message)` and replaced by the next one of the stream; a stream in
-    which a whole epoch's worth of samples in a row fails is an error. `state_dict()` is the data position (items
-    consumed and pending pack buffers): saved with a checkpoint, it lets a resumed run continue with exactly the
-    same batches.
+    ValueError is reported through `on_skip((index, epoch), error)` once and replaced by the next one of the
+    stream; a stream in which a whole epoch's worth of samples in a row fails is an error. `state_dict()` is the
+    data position (items consumed and pending pack buffers): saved with a checkpoint, it lets a resumed run
+    continue with exactly the same batches.
 
     Args:
         dataset: a `ConversationDataset` (anything with a length whose `dataset[(index, epoch)]` is a sample).
@@ -144,10 +144,10 @@ class MicroBatches:
 
     def __init__(self, dataset, *, batch_size: int, pad_token_id: int, reduction: str = "square",
                  packer: Packer | None = None, seed: int = 0, rank: int = 0, world: int = 1,
-                 on_skip: Callable[[int, str], None] | None = None, threads: int = 0) -> None:
+                 on_skip: Callable[[tuple[int, int], ValueError], None] | None = None, threads: int = 0) -> None:
         self.dataset, self.batch_size, self.pad_token_id, self.reduction = dataset, batch_size, pad_token_id, reduction
         self.packer, self.seed, self.rank, self.world = packer, seed, rank, world
-        self.on_skip = on_skip or (lambda index, message: None)
+        self.on_skip = on_skip or (lambda key, error: None)
         self.consumed = 0  # stream items handed out (not those loading ahead): the position a checkpoint saves
         self.ready: list[list[int]] = []  # complete packs not yet handed out
         self._stream = None
@@ -184,10 +184,10 @@ class MicroBatches:
                 try:
                     self.ready += self.packer.add(key, len(sample["input_ids"]), len(sample["pixel_values"]))
                 except ValueError as e:  # more tokens or tiles than a pack holds
-                    sample = e
+                    sample = SampleError(str(e), "too_long")
             if not isinstance(sample, Exception):
                 return sample
-            self.on_skip(key[0], str(sample))
+            self.on_skip(key, sample)
         raise RuntimeError(f"{len(self.dataset) + 1} samples in a row could not be used; see the skipped samples")
 
     def __iter__(self):

@@ -45,7 +45,14 @@ VIDEO_PLACEHOLDER = "<video>"
 
 
 class SampleError(ValueError):
-    """A sample that cannot be used (bad media, placeholder mismatch, truncated image tokens); names the sample."""
+    """A sample that cannot be used (bad media, placeholder mismatch, truncated image tokens); names the sample.
+
+    `reason` is the kind, in `internvit data check`'s words: missing_media, unreadable_media, placeholder_mismatch,
+    mixed_media, empty_media_path, bad_format, too_long."""
+
+    def __init__(self, message: str, reason: str = "unusable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,15 +86,15 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
     return specs
 
 
-def read_samples(spec: DatasetSpec) -> list[dict]:
-    """The dataset's JSONL lines after `repeat_time` (spec §6.2)."""
+def read_samples(spec: DatasetSpec) -> list[tuple[int, dict]]:
+    """The dataset's JSONL lines after `repeat_time` (spec §6.2), as (line number, sample)."""
     lines = []
     try:
         with open(spec.annotation, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        lines.append(json.loads(line))
+                        lines.append((number, json.loads(line)))
                     except ValueError as e:
                         raise ValueError(f"dataset {spec.name!r}: {spec.annotation} line {number} is not JSON ({e}); "
                                          "`internvit data check` lists every problem of a meta JSON") from None
@@ -124,15 +131,17 @@ def preprocess_internvl2_5(conversations: list[dict], tokenizer, num_patches_lis
         if role == "human":
             while IMAGE_PLACEHOLDER in value:
                 if not images_left:
-                    raise SampleError(f"{sample_id}: more {IMAGE_PLACEHOLDER} placeholders than images")
+                    raise SampleError(f"{sample_id}: more {IMAGE_PLACEHOLDER} placeholders than images",
+                                      "placeholder_mismatch")
                 value = value.replace(IMAGE_PLACEHOLDER, image_tokens(images_left.pop(0), num_image_token), 1)
             pieces.append((f"<|im_start|>user\n{value}<|im_end|>\n", False))
         elif role == "gpt":
             pieces.append((f"<|im_start|>assistant\n{value}<|im_end|>\n", True))
         else:
-            raise SampleError(f"{sample_id}: unknown role {role!r} (expected system, human, gpt)")
+            raise SampleError(f"{sample_id}: unknown role {role!r} (expected system, human, gpt)", "bad_format")
     if images_left:
-        raise SampleError(f"{sample_id}: {len(num_patches_list)} images but fewer {IMAGE_PLACEHOLDER} placeholders")
+        raise SampleError(f"{sample_id}: {len(num_patches_list)} images but fewer {IMAGE_PLACEHOLDER} placeholders",
+                          "placeholder_mismatch")
     prefix_len = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids)
     input_ids: list[int] = []
     labels: list[int] = []
@@ -152,7 +161,7 @@ def preprocess_internvl2_5(conversations: list[dict], tokenizer, num_patches_lis
     input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
     end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
     if sum(1 for t in input_ids if t == end_id) != len(num_patches_list):
-        raise SampleError(f"{sample_id}: image tokens are truncated by max_seq_length={max_seq_length}")
+        raise SampleError(f"{sample_id}: image tokens are truncated by max_seq_length={max_seq_length}", "too_long")
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
 
 
@@ -182,7 +191,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, specs: list[DatasetSpec], tokenizer, *, max_tiles: int = DEFAULT_MAX_TILES, num_image_token: int = 256,
                  max_seq_length: int = 16384, tile_size: int = 448, min_num_frame: int = 8, max_num_frame: int = 32,
                  sampling_method: str = "rand", num_frames: int | None = None, seed: int = 0) -> None:
-        self.items = [(spec, s) for spec in specs for s in read_samples(spec)]
+        self.items = [(spec, n, s) for spec in specs for n, s in read_samples(spec)]
         if not self.items:
             raise ValueError("the meta JSON lists no samples")
         if num_frames is not None:
@@ -196,6 +205,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_tiles, self.num_image_token, self.max_seq_length = max_tiles, num_image_token, max_seq_length
         self.tile_size, self.seed = tile_size, seed
         self.min_num_frame, self.max_num_frame, self.sampling_method = min_num_frame, max_num_frame, sampling_method
+        # the tile budget of a sample, recorded in the chat checkpoint for chat()'s default
+        self.max_dynamic_patch = max(spec.max_dynamic_patch or max_tiles for spec in specs)
+
+    def sample_name(self, i: int) -> str:
+        """Sample i as its dataset and line: "demo line 7" (how errors and skipped.jsonl name it)."""
+        spec, line, _ = self.items[i]
+        return f"{spec.name} line {line}"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -207,19 +223,25 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, epoch = key if isinstance(key, tuple) else (key, 0)
-        spec, sample = self.items[i]
-        sid = f"{spec.name}[{sample.get('id', i)}]"
+        spec, _, sample = self.items[i]
+        sid = self.sample_name(i)
         frame_seed, augment_seed = self.seeds(i, epoch)
         rng = random.Random(augment_seed)
         images, video = media_count(sample)
         if images and video is not None:  # InternVL would silently use the images and drop the video
-            raise SampleError(f"{sid}: has both \"image\" and \"video\"; a sample takes one kind of media")
+            raise SampleError(f"{sid}: has both \"image\" and \"video\"; a sample takes one kind of media",
+                              "mixed_media")
         if any(not p for p in images) or video == "":  # InternVL would train "image": "" as a pure-text sample
-            raise SampleError(f"{sid}: an empty image or video path")
+            raise SampleError(f"{sid}: an empty image or video path", "empty_media_path")
+        if not isinstance(sample.get("conversations"), list):
+            raise SampleError(f"{sid}: no \"conversations\" list", "bad_format")
         conversations = [dict(t) for t in sample["conversations"]]
         first_human = next((t for t in conversations if t["from"] == "human"), None)
         tiles: list[torch.Tensor] = []
         num_patches: list[int] = []
+        for path in images + ([video] if video is not None else []):
+            if not os.path.exists(os.path.join(spec.root, path)):
+                raise SampleError(f"{sid}: {os.path.join(spec.root, path)} does not exist", "missing_media")
         try:
             if video is not None:
                 frames, _ = train_frames(os.path.join(spec.root, video), seed=frame_seed,
@@ -248,7 +270,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     tiles.append(torch.stack([to_tensor_normalized(p, IMAGENET_MEAN, IMAGENET_STD) for p in pil_tiles]))
                     num_patches.append(len(pil_tiles))
         except (OSError, ValueError) as e:
-            raise SampleError(f"{sid}: {e}") from None
+            raise SampleError(f"{sid}: {e}", "unreadable_media") from None
         out = preprocess_internvl2_5(conversations, self.tokenizer, num_patches,
                                      num_image_token=self.num_image_token, max_seq_length=self.max_seq_length,
                                      sample_id=sid)

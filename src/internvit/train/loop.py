@@ -9,7 +9,13 @@ scheduler, each rank's data position and RNG state).
 
 The data order is a seeded permutation per epoch, split across ranks (rank::world_size); each rank's position in
 it (and its pending pack buffers) is saved with `last/`. Samples that cannot be used are skipped and listed in
-`skipped.jsonl` (rank, dataset index, reason).
+`skipped.jsonl`, once per epoch: the sample as its dataset and line, the reason, the error, the epoch and step.
+
+Rerunning into a run folder (`check_run`): a folder with `last/` resumes with the options it was trained with;
+other options are refused unless asked for (`resume_changes`: applied from the resumed step, recorded in
+`train_config.json` under `changes`), and another stage or model is refused before anything is written. A finished
+run is left as it is. Ctrl-C and SIGTERM (a KeyboardInterrupt) save `last/` at the last finished step first
+(one process; under torchrun `last/` keeps the last `save_every` step).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -163,7 +171,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
 
 
-def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *, rank: int, world: int,
+def _save_last(run: Path, model, opt, sched, step: int, data_state: dict, *, rank: int, world: int,
                sharded: bool) -> None:
     """Write `last/` (trainable weights, optimizer, scheduler, step, every rank's data position and RNG). Called
     on every rank: gathering the ranks' states, and under FSDP (`sharded`) the weights and optimizer state, are
@@ -171,7 +179,7 @@ def _save_last(run: Path, model, opt, sched, step: int, batches: MicroBatches, *
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    data_states = [dict(batches.state_dict(), rng=torch.get_rng_state().tolist())]  # JSON: plain lists
+    data_states = [data_state]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, data_states[0])
@@ -225,16 +233,105 @@ def _load_last(last: Path) -> dict | None:
     return dict(state, optimizer=loaded)
 
 
+# Options that decide what is trained: they cannot change within a run (the optimizer holds their state).
+FIXED_OPTIONS = ("stage", "train_vision", "train_mlp", "train_llm", "unfreeze_vit_layers", "vit_lora_rank",
+                 "llm_lora_rank", "weight_decay_1d")
+FREE_OPTIONS = ("data_threads", "log_every", "save_every")  # change nothing the run computes: taken as given
+
+
+def _saved_step(last: Path) -> int | None:
+    try:
+        return int(json.loads((last / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None if not (last / "state.pt").exists() else -1  # the earlier layout: the step is in the torch file
+
+
+def check_run(run_dir: str | os.PathLike, cfg: TrainConfig, *, source: dict | None = None,
+              resume_changes: bool = False) -> dict:
+    """What training `cfg` into `run_dir` would do, checked before anything is loaded or written.
+
+    Returns {} for a new run (no `last/`), else {"step": N, "changes": {option: (in the run, now)}}. Raises
+    ValueError (one line) for another stage or model (`source`: what the model was built from, as recorded in
+    `train_config.json`), for a change of what is trained, and for other options unless `resume_changes`."""
+    run = Path(run_dir)
+    step = _saved_step(run / "last")
+    if step is None:
+        return {}
+    cfg = cfg.replace(fsdp=cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1)  # as train() records it
+    try:
+        saved = json.loads((run / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return {"step": step, "changes": {}}  # a run folder from before train_config.json
+    if saved.get("stage") != cfg.stage:
+        raise ValueError(f"{run} holds a stage {saved.get('stage')} run; train stage {cfg.stage} into a new --out "
+                         f"(--init {run / 'final'} starts from its result)")
+    if source is not None and saved.get("model") not in (None, source):
+        was = ", ".join(f"{k} {v}" for k, v in saved["model"].items() if v)
+        now = ", ".join(f"{k} {v}" for k, v in source.items() if v)
+        raise ValueError(f"{run} holds a run of another model ({was}; now {now}); use a new --out")
+    now = json.loads(cfg.to_json())
+    changes = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in FREE_OPTIONS}
+    at = f"step {step}" if step >= 0 else "its last step"
+    listed = "; ".join(f"{k}: {a} in {run}, {b} now" for k, (a, b) in changes.items())
+    fixed = [k for k in changes if k in FIXED_OPTIONS]
+    if fixed:
+        raise ValueError(f"{run} cannot resume with another {', '.join(fixed)} ({listed}): they decide what is "
+                         "trained; use a new --out")
+    if changes and not resume_changes:
+        raise ValueError(f"{run} was trained with other options ({listed}); rerun with its options to resume from "
+                         f"{at}, add --resume-changes to apply these from {at} on, or use a new --out")
+    return {"step": step, "changes": changes}
+
+
+def skipped_summary(run_dir: str | os.PathLike) -> str | None:
+    """One line on the samples a run skipped (from `skipped.jsonl`), or None when it skipped none."""
+    path = Path(run_dir) / "skipped.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return None
+    if not rows:
+        return None
+    reasons = Counter(r.get("reason", "unusable") for r in {r.get("sample"): r for r in rows}.values())
+    samples = len({r.get("sample") for r in rows})
+    why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    return (f"skipped {samples} sample{'s' * (samples != 1)} ({why}), {len(rows)} time{'s' * (len(rows) != 1)} "
+            f"over the epochs: see {path}")
+
+
+def _keep_rows(path: Path, up_to: int) -> None:
+    """Drop the rows of a JSONL log written after step `up_to` (a resumed run writes them again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= up_to]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_dir: str | os.PathLike, *,
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, source: dict | None = None, resume_changes: bool = False,
+          log=_stderr) -> list[dict]:
     """Train `model` on `dataset` (a `ConversationDataset`) with `cfg`; returns the log rows of this call.
 
     Under `torchrun` (WORLD_SIZE > 1) the process group is initialised here; every rank sees its own shard of
-    each global batch of `batch_size * world_size * grad_accum` samples.
+    each global batch of `batch_size * world_size * grad_accum` samples. A run folder with `last/` resumes (see
+    `check_run`; `source` names the model, `resume_changes` applies changed options); `log` gets the lines said
+    to the user (resuming, saved on an interrupt, finished).
     """
     run = Path(run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    cfg = cfg.replace(fsdp=cfg.fsdp and world > 1)  # recorded as used: FSDP needs several processes
+    resume = check_run(run, cfg, source=source, resume_changes=resume_changes)
+    say = log if rank == 0 else (lambda message: None)
+    if resume and resume["step"] >= cfg.max_steps and (run / "final" / "config.json").exists():
+        say(f"{run} finished at step {resume['step']} (final/, vision/); nothing to do")
+        return []
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
@@ -242,11 +339,11 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     torch.manual_seed(cfg.seed + rank)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train_config.json").write_text(cfg.to_json() + "\n")
     model.to(device)
     apply_stage(model, cfg)
+    # what chat() takes by default: the tile budget and frame counts of the training data
+    for key in ("max_dynamic_patch", "min_num_frame", "max_num_frame"):
+        setattr(model, key, getattr(dataset, key, getattr(model, key)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
         "<|im_end|>")
     packer = None
@@ -256,15 +353,45 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                              f"{cfg.max_packed_tokens}: a sample must fit in one pack")
         check_packed_attention(model.language_model)
         packer = Packer(max_tokens=cfg.max_packed_tokens, max_tiles=cfg.max_packed_tiles, max_buffers=cfg.max_buffers)
+    state = _load_last(run / "last") if resume else None
+    step = state["step"] if state is not None else 0
+    restarted = not resume and (run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size > 0
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "skipped.jsonl"):  # rows past the saved step come again
+            _keep_rows(run / name, step)
+        before = json.loads((run / "train_config.json").read_text()) if resume and (
+            run / "train_config.json").exists() else {}
+        record = json.loads(cfg.to_json())
+        if source is not None or "model" in before:
+            record["model"] = source or before["model"]
+        changes = before.get("changes", [])
+        if resume and resume["changes"]:
+            changes.append({"step": step, "options": {k: {"from": a, "to": b}
+                                                      for k, (a, b) in resume["changes"].items()}})
+        if changes:
+            record["changes"] = changes
+        (run / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    name = getattr(dataset, "sample_name", lambda i: f"sample {i}")
+    listed = set()  # (sample, epoch): a line repeated by repeat_time is listed once per epoch
+    if rank == 0 and (run / "skipped.jsonl").exists():  # read after the rows past the saved step are dropped
+        rows = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines() if line.strip()]
+        listed = {(r["sample"], r["epoch"]) for r in rows if "epoch" in r}
 
-    def on_skip(index: int, message: str) -> None:
+    def on_skip(key: tuple[int, int], error: ValueError) -> None:
+        if (name(key[0]), key[1]) in listed:
+            return
+        listed.add((name(key[0]), key[1]))
+        row = {"sample": name(key[0]), "reason": getattr(error, "reason", "unusable"), "error": str(error),
+               "epoch": key[1], "step": step + 1}
+        if world > 1:
+            row["rank"] = rank
         with open(run / "skipped.jsonl", "a") as f:
-            f.write(json.dumps({"rank": rank, "index": index, "error": message}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     batches = MicroBatches(dataset, batch_size=cfg.batch_size, pad_token_id=pad_id, reduction=cfg.loss_reduction,
                            packer=packer, seed=cfg.seed, rank=rank, world=world, on_skip=on_skip,
                            threads=cfg.data_threads)
-    state = _load_last(run / "last")
     if state is not None:  # resume: the weights go in before any sharding
         from safetensors.torch import load_file
 
@@ -275,22 +402,29 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             for k, p in model.named_parameters():
                 if k in trained:
                     p.copy_(trained[k])
-    fsdp = cfg.fsdp and world > 1
+    fsdp = cfg.fsdp
     if fsdp:
         shard_model(model)
     opt = build_optimizer(model, cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.max_steps))
-    step = 0
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # this run's
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+        if resume["changes"]:  # from this step on: the new learning rate, schedule, decay and Adam settings
+            sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+            for group, mine in zip(opt.param_groups, options):
+                group.update(mine, lr=cfg.lr * lr_factor(step, warmup, cfg.max_steps))
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
         batches.load_state_dict(state["data"][rank])
         torch.set_rng_state(torch.as_tensor(state["data"][rank]["rng"], dtype=torch.uint8))
+        say(f"resuming {run} from step {step}")
+    elif restarted:
+        say(f"{run}: nothing was saved before it stopped (no last/); starting from step 0")
     net = model
     if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -301,7 +435,12 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"stage {cfg.stage}", unit="step")
     rows: list[dict] = []
-    log = open(run / "log.jsonl", "a") if rank == 0 else None
+    out = open(run / "log.jsonl", "a") if rank == 0 else None
+
+    def position() -> dict:  # the data position and RNG after the finished steps: what last/ saves
+        return dict(batches.state_dict(), rng=torch.get_rng_state().tolist())  # JSON: plain lists
+
+    saved_step, at, updating = step, position(), False
     try:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -321,10 +460,13 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
                 tokens += batch["num_tokens"]
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            updating = True  # an interrupt in here leaves weights and position out of step: not saved
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            at = position()
+            updating = False
             if world > 1:
                 t = torch.tensor([step_loss, tokens], dtype=torch.float64, device=device)  # NCCL: not on CPU
                 dist.all_reduce(t)
@@ -332,14 +474,15 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
             row = {"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0],
                    "tokens_per_s": tokens / (time.perf_counter() - t0), "seconds": time.perf_counter() - t0}
             rows.append(row)
-            if log is not None and step % cfg.log_every == 0:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+            if out is not None and step % cfg.log_every == 0:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                _save_last(run, model, opt, sched, step, batches, rank=rank, world=world, sharded=fsdp)
+                _save_last(run, model, opt, sched, step, at, rank=rank, world=world, sharded=fsdp)
+                saved_step = step
                 if world > 1:
                     dist.barrier()
         full = None
@@ -350,14 +493,25 @@ def train(model: InternVLChatModel, tokenizer, dataset, cfg: TrainConfig, run_di
         if rank == 0:
             full = merge_lora(full if fsdp else model.state_dict())  # LoRA adapters folded in: plain checkpoints
             model.save_pretrained(run / "final", tokenizer=tokenizer, state_dict=full)
-            model.export_vision(run / "vision", state_dict={k.removeprefix("vision_model."): v
-                                                            for k, v in full.items() if k.startswith("vision_model.")})
+            model.export_vision(run / "vision", dtype=cfg.save_dtype,
+                                state_dict={k.removeprefix("vision_model."): v
+                                            for k, v in full.items() if k.startswith("vision_model.")})
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one: keep the finished steps
+        if bar is not None:
+            bar.close()
+            bar = None
+        if world == 1 and not updating and step > saved_step:
+            _save_last(run, model, opt, sched, step, at, rank=rank, world=world, sharded=False)
+            saved_step = step
+        if saved_step:
+            say(f"saved step {saved_step} to {run / 'last'}; rerun the same command to resume")
+        raise
     finally:
         batches.close()
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
+        if out is not None:
+            out.close()
     return rows
 
 
@@ -372,17 +526,7 @@ def build_model(*, llm: str | None = None, vision: str | None = None, init: str 
 
     if init is not None:
         model = InternVLChatModel.from_pretrained(init, trust_remote_code=trust_remote_code)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # it reads config.json, whose model_type internvl_chat it does not know
-        offline = hub_kwargs(init)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=trust_remote_code, **offline)
-        except OSError as e:
-            raise (offline_error(init, "--init", e) if offline else e) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        tokenizer = InternVLChatModel.load_tokenizer(init, trust_remote_code=trust_remote_code)
         # the tokenizer is the authority on <IMG_CONTEXT> (InternVL's code asks it too); a tokenizer without
         # InternVL's tokens gains them here, and the LLM's embeddings grow with it
         model.img_context_token_id = add_special_tokens(tokenizer, model.language_model,

@@ -12,8 +12,10 @@ Per sample of every dataset in a meta JSON:
       check; words, or characters for text without spaces);
     - `no_answer` (no `gpt` turn: nothing is supervised), `empty_answer`, `duplicate_answer` (the same answer twice
       in one conversation), `duplicate_sample` (a line identical to an earlier one in the dataset).
-With `fix`, the kept lines are written per dataset with a new meta JSON, and `report.json` lists every dropped
-line with its reasons.
+Each problem is one `Issue` (file, line, sample id, reason, the media path looked for). A dataset whose `root` folder
+or annotation file does not exist is reported once as such (`missing_root`, `missing_annotation`) instead of once
+per sample. With `fix`, the kept lines are written per dataset with a new meta JSON, and `report.json` lists every
+dropped line with its reasons and paths.
 """
 
 from __future__ import annotations
@@ -31,12 +33,24 @@ from internvit.registry import DEFAULT_MAX_TILES
 from internvit.train.data import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DatasetSpec, load_meta, media_count
 
 
+@dataclass(frozen=True)
+class Issue:
+    """One problem of one sample: where it is, what it is, and the media path that was looked for."""
+
+    file: str
+    line: int | None  # None: the dataset as a whole (a missing root or annotation file)
+    id: object
+    reason: str
+    path: str | None = None
+
+
 @dataclass
 class DatasetReport:
     name: str
     samples: int = 0
     problems: Counter = field(default_factory=Counter)
-    dropped: list[dict] = field(default_factory=list)  # {"line": n, "id": ..., "reasons": [...]}
+    dropped: list[dict] = field(default_factory=list)  # {"line": n, "id": ..., "reasons": [...], "paths": [...]}
+    issues: list[Issue] = field(default_factory=list)
 
     @property
     def kept(self) -> int:
@@ -56,17 +70,19 @@ def repeated_ngram_fraction(text: str, n: int = 10) -> float:
 
 
 def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_length: int, max_tiles: int,
-                     num_image_token: int, repeat_threshold: float, max_num_frame: int = 32) -> list[str]:
+                     num_image_token: int, repeat_threshold: float, max_num_frame: int = 32
+                     ) -> list[tuple[str, str | None]]:
+    """The sample's problems as (reason, media path or None), sorted."""
     conv = sample.get("conversations")
     if not isinstance(conv, list) or not conv or not all(isinstance(t, dict) and "from" in t and "value" in t
                                                          for t in conv):
-        return ["bad_format"]
-    problems = []
+        return [("bad_format", None)]
+    problems: list = []
     images, video = media_count(sample)
     if images and video is not None:
         problems.append("mixed_media")
     if any(not p for p in images) or video == "":
-        return sorted(set(problems + ["empty_media_path"]))
+        return sorted({(p, None) for p in problems + ["empty_media_path"]})
     human = "".join(t["value"] for t in conv if t["from"] == "human")
     n_placeholders = human.count(IMAGE_PLACEHOLDER)
     if video is not None:
@@ -81,8 +97,11 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
     budget = tile_budget(max(1, len(images)), spec.max_dynamic_patch or max_tiles)
     for rel in images + ([video] if video else []):
         path = os.path.join(spec.root, rel)
+        if not os.path.isdir(spec.root):
+            problems.append(("missing_root", None))  # said once for the dataset
+            continue
         if not os.path.exists(path):
-            problems.append("missing_media")
+            problems.append(("missing_media", path))
             continue
         try:
             if rel == video:  # the most frames training can draw: max_num_frame, or all of a shorter GIF/folder
@@ -95,7 +114,7 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
                 grid = choose_grid(w, h, max_tiles=budget)
                 tiles += grid[0] * grid[1] + (grid != (1, 1))
         except (ImageLoadError, OSError, ValueError):
-            problems.append("unreadable_media")
+            problems.append(("unreadable_media", path))
     answers = [t["value"] for t in conv if t["from"] == "gpt"]
     if not answers:
         problems.append("no_answer")  # nothing to learn from: its loss weight would be 0
@@ -111,7 +130,7 @@ def _sample_problems(sample: dict, spec: DatasetSpec, *, tokenizer, max_seq_leng
         n_tokens += tiles * num_image_token + 2 * (len(images) + n_frames)
         if n_tokens > max_seq_length:
             problems.append("too_long")
-    return sorted(set(problems))
+    return sorted({p if isinstance(p, tuple) else (p, None) for p in problems}, key=lambda p: (p[0], p[1] or ""))
 
 
 def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int = 16384, max_tiles: int = DEFAULT_MAX_TILES,
@@ -125,6 +144,13 @@ def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int =
         report = DatasetReport(spec.name)
         seen: set[str] = set()
         kept_lines[spec.name] = []
+        if not os.path.isfile(spec.annotation):
+            report.issues.append(Issue(spec.annotation, None, None, "missing_annotation"))
+            report.problems["missing_annotation"] += 1
+            reports.append(report)
+            continue
+        if not os.path.isdir(spec.root):
+            report.issues.append(Issue(spec.annotation, None, None, "missing_root", spec.root))
         with open(spec.annotation, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -132,20 +158,24 @@ def check_meta(meta: str | os.PathLike, *, tokenizer=None, max_seq_length: int =
                 report.samples += 1
                 try:
                     sample = json.loads(line)
-                    problems = [] if isinstance(sample, dict) else ["bad_format"]
+                    problems = [] if isinstance(sample, dict) else [("bad_format", None)]
                 except ValueError:
-                    sample, problems = {}, ["bad_json"]
+                    sample, problems = {}, [("bad_json", None)]
                 if not problems:
                     problems = _sample_problems(sample, spec, tokenizer=tokenizer, max_seq_length=max_seq_length,
                                                 max_tiles=max_tiles, num_image_token=num_image_token,
                                                 repeat_threshold=repeat_threshold, max_num_frame=max_num_frame)
                 key = json.dumps(sample, sort_keys=True)
-                if key in seen and "bad_json" not in problems:
-                    problems.append("duplicate_sample")
+                if key in seen and ("bad_json", None) not in problems:
+                    problems.append(("duplicate_sample", None))
                 seen.add(key)
                 if problems:
-                    report.problems.update(problems)
-                    report.dropped.append({"line": n, "id": sample.get("id"), "reasons": problems})
+                    reasons = sorted({r for r, _ in problems})
+                    report.problems.update(reasons)
+                    report.dropped.append({"line": n, "id": sample.get("id"), "reasons": reasons,
+                                           "paths": [p for _, p in problems if p]})
+                    report.issues += [Issue(spec.annotation, n, sample.get("id"), r, p) for r, p in problems
+                                      if r != "missing_root"]
                 else:
                     kept_lines[spec.name].append(line.rstrip("\n"))
         reports.append(report)

@@ -62,8 +62,9 @@ class TrainConfig:
     data_threads: int = 2  # samples loaded (decoded, tiled, tokenized) at once, ahead of the step
     seed: int = 0
     shrink_embeddings: bool = True  # LLM embeddings resized to len(tokenizer) when tokens are added (InternVL)
-    save_every: int = 100
+    save_every: int = 100  # steps between saves of last/ (and at the end, and on Ctrl-C / SIGTERM)
     log_every: int = 1
+    save_dtype: str = "bf16"  # RUN/vision/'s dtype (the official InternViT release is bf16); final/ keeps fp32
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_num_frame <= self.max_num_frame:
@@ -71,6 +72,8 @@ class TrainConfig:
                              "1 <= min_num_frame <= max_num_frame")
         if self.sampling_method not in ("rand", "middle"):
             raise ValueError(f"sampling_method={self.sampling_method!r}: expected 'rand' or 'middle'")
+        if self.save_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"save_dtype={self.save_dtype!r}: expected fp32, bf16 or fp16")
 
     def replace(self, **changes) -> "TrainConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
