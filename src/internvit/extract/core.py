@@ -316,8 +316,9 @@ def dtype_precision(dtype: torch.dtype) -> str:
 
 
 def resolve_backend(options: ExtractOptions, device: str | torch.device | None = None) -> str:
-    """`auto` -> the fastest backend installed for this device and dtype; None -> torch. For an export folder
-    both mean its own runtime, and for a loaded encoder its backend."""
+    """`auto` -> the fastest backend installed for this device and dtype (measured once per CPU,
+    `backends.auto_backend`); None -> torch. For an export folder both mean its own runtime, and for a loaded
+    encoder its backend."""
     backend, model = options.backend, options.model
     if backend not in (None, "auto"):
         return backend
@@ -325,7 +326,9 @@ def resolve_backend(options: ExtractOptions, device: str | torch.device | None =
         return getattr(model, "backend", "torch")
     if is_export(model):
         return "openvino" if export_format(model) == "openvino" else "onnxruntime"
-    return auto_backend(device, options.dtype)[0] if backend == "auto" else "torch"
+    if backend != "auto":
+        return "torch"
+    return auto_backend(device, options.dtype, model, revision=options.revision, layers=tuple(options.layers))[0]
 
 
 def load_model(options: ExtractOptions, device: str | torch.device | None = None) -> LoadedModel:
