@@ -31,7 +31,6 @@ import base64
 import datetime as dt
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,14 +39,10 @@ import threading
 import time
 from pathlib import Path
 
+from common import free_port
+
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "internvit.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

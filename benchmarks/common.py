@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +15,13 @@ RESULTS = Path(__file__).parent / "results"
 GFLOP_PER_TILE = 723.6  # the 300M at 448 px: 24 x (25.80 linears + 4.30 attention) + 1.23 patch embedding
 SIZES = [(4032, 3024), (3024, 4032), (4000, 2250), (2250, 4000), (3000, 2000), (2048, 1536), (1920, 1080),
          (2448, 3264)]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in benchmarks stay on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -122,3 +122,12 @@ def test_viz_and_search_need_no_extra(tiny_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+
+
+def test_every_benchmark_answers_help():
+    """The benchmarks are documented commands: each parses its arguments before importing anything heavy."""
+    scripts = [p for p in sorted((ROOT / "benchmarks").glob("*.py")) if p.name != "common.py"]
+    assert len(scripts) >= 8
+    for script in scripts:
+        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (script.name, proc.stderr[-500:])
