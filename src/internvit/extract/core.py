@@ -44,7 +44,6 @@ from internvit.preprocess import (
     tile_pixels,
 )
 from internvit.preprocess.tiling import MAX_TILES, TileLayout, choose_grid, dynamic_tile_pixels
-from internvit.preprocess.transforms import _shortest_edge_size
 from internvit.preprocess.video import is_video_name, load_frames
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.runtime import export_format, is_export
@@ -222,8 +221,11 @@ class Prepare:
         except Exception as e:  # a decoder bug must not stop a million-image run
             return Item(path, error=f"{path}: {e.__class__.__name__}: {e}")
 
-    def member(self, path: str, member: Member) -> Item:
-        """An input inside a tar shard: its bytes read at their offset, then prepared as `__call__` does."""
+    def member(self, path: str, member: Member | None, error: str | None = None) -> Item:
+        """An input found in a tar shard (both engines): `error` when the shard itself could not be listed, else
+        the member's bytes read at their offset and prepared as `__call__` does."""
+        if error is not None:
+            return Item(path, error=error)
         try:
             data = read_member(member)
         except Exception as e:  # a shard cut inside this member, a vanished file, a network error
@@ -258,10 +260,7 @@ class _FullSize:
         if p.tiles == "dynamic":
             cols, rows = choose_grid(width, height, max_tiles=p.max_tiles, tile_size=p.tile_size)
             return cols * p.tile_size, rows * p.tile_size
-        if not p.processor.do_resize:
-            return width, height
-        out_h, out_w = _shortest_edge_size(height, width, p.processor.size)
-        return out_w, out_h
+        return p.processor.resized_size(width, height)
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

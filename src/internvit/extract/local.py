@@ -46,10 +46,8 @@ class _Inputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Item:
         path = self.paths[i]
-        if path in self.errors:  # a broken tar shard
-            return Item(path, error=self.errors[path])
-        if path in self.members:
-            return self.prepare.member(path, self.members[path])
+        if path in self.members or path in self.errors:  # in a tar shard (or a broken one)
+            return self.prepare.member(path, self.members.get(path), self.errors.get(path))
         return self.prepare(path)
 
 

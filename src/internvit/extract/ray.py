@@ -84,13 +84,10 @@ def _prepare_batch(batch, *, prepare: Prepare, skip: frozenset):
     for i, (path, data) in enumerate(zip(paths, column["data"])):
         if path in skip:
             continue
-        if column["error"][i] is not None:  # a broken tar shard
-            items.append(pickle.dumps(Item(path, error=column["error"][i]), protocol=5))
-            continue
-        if column["shard"][i] is not None:  # a tar member: its bytes at their offset
-            shard = column["shard"][i]
-            member = Member(shard, path[len(shard) + 1:], column["offset"][i], column["size"][i])
-            items.append(pickle.dumps(prepare.member(path, member), protocol=5))
+        shard, error = column["shard"][i], column["error"][i]
+        if shard is not None or error is not None:  # in a tar shard (or a broken one)
+            member = Member(shard, path[len(shard) + 1:], column["offset"][i], column["size"][i]) if shard else None
+            items.append(pickle.dumps(prepare.member(path, member, error), protocol=5))
             continue
         if data is None and is_uri(path):
             try:

@@ -54,7 +54,8 @@ class Normalization:
     """The arithmetic that turns 8-bit pixels into the encoder's input: `(pixels * scale - mean) / std` in float32.
 
     Loader workers hand over uint8 tiles with their `Normalization`; the extraction core applies it on the device
-    (`__call__`), with the same operations as `to_tensor_normalized`, so the features do not change.
+    (`__call__`); `ImageProcessor`, `tile_transform` and `to_tensor_normalized` run it too, so the features do
+    not change.
     """
 
     scale: float = 1 / 255
@@ -102,7 +103,8 @@ def to_tensor_normalized(
 ) -> torch.Tensor:
     """Turn 8-bit RGB pixels into a normalized float32 tensor: `(pixels * scale - mean) / std` (`Normalization`).
 
-    The one conversion step shared by `ImageProcessor` and `tile_transform`.
+    Kept for callers that hold PIL images (training data); the extraction path applies `Normalization` to uint8
+    tiles on the device.
 
     Args:
         image: An RGB `PIL.Image` or a uint8 array [H, W, 3].
@@ -261,7 +263,7 @@ class ImageProcessor:
         """
         if self.do_resize:
             width, height = image.size
-            out_h, out_w = _shortest_edge_size(*(source_size or image.size)[::-1], self.size)
+            out_w, out_h = self.resized_size(*(source_size or image.size))
             wide = self.do_center_crop and out_w > self.crop_size and self.resample != Image.Resampling.NEAREST
             # Pillow resizes horizontally, then vertically: the intermediates below are what each pass makes.
             largest = out_w * height if wide else out_w * max(height, out_h)
@@ -314,6 +316,13 @@ class ImageProcessor:
                 )
             return torch.stack(tensors)
         return self._one(images)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of this size after the resize step, before the crop."""
+        if not self.do_resize:
+            return width, height
+        out_h, out_w = _shortest_edge_size(height, width, self.size)
+        return out_w, out_h
 
     @property
     def normalization(self) -> Normalization:
