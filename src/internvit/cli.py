@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles per forward, filled with the tiles of many inputs (default: 8)")
     p.add_argument("--workers", type=_non_negative,
                    help="image-loading processes, 0 = none (default: the cores available, less one)")
-    p.add_argument("--decode", choices=["exact", "fast"], default="exact",
+    p.add_argument("--decode", choices=["exact", "fast", "device"], default="exact",
                    help="exact: every pixel decoded (default); fast: JPEGs at least twice the size they are resized "
-                   "to are decoded at 1/2, 1/4 or 1/8 scale (faster; CLS cosine to exact in docs/performance.md)")
+                   "to are decoded at 1/2, 1/4 or 1/8 scale, or on CUDA by nvJPEG on the GPU (faster; CLS cosine to "
+                   "exact in docs/performance.md); device: JPEGs decoded and resized on the model's device "
+                   "(torchvision; local engine)")
     p.add_argument("--tf32", action="store_true",
                    help="on CUDA, let fp32 convolutions and matmuls use TF32 (faster, about 1e-3 off the CPU's fp32)")
     p.add_argument("--compile", action="store_true",

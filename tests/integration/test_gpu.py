@@ -1,6 +1,6 @@
 """The GPU path (marked `gpu`: skipped without CUDA): the encoder in fp32 (TF32 off), bf16 and fp16 against the CPU's
-fp32 and the spec's forward pass, `extract --device cuda` against the CPU's rows, `serve --device cuda`, and one
-bf16 training step of each stage with a tiny LLM.
+fp32 and the spec's forward pass, `extract --device cuda` against the CPU's rows, `--decode fast` with nvJPEG,
+`serve --device cuda`, and one bf16 training step of each stage with a tiny LLM.
 
 Tolerances: fp32 within 1e-4 max abs of the CPU (issue 20: TF32 in cuDNN's patch-embedding convolution alone puts
 it 2.7e-3 off); bf16 and fp16 at least as close to the CPU's fp32 as the spec's formulas (`reference_forward`,
@@ -80,6 +80,35 @@ def test_extract_on_cuda_equals_the_cpu_rows(tiny_ckpt, photo_dir, tmp_path):
             for column in ("cls", "mean"):
                 want = np.asarray(cpu[path][column])
                 np.testing.assert_allclose(r[column], want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_decode_fast_on_cuda_decodes_jpegs_with_nvjpeg(tiny_ckpt, photo_dir, tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    from internvit.extract import core, extract_features
+    from internvit.extract.store import read_metadata
+
+    decoded, decode_tiles = [], core.decode_tiles
+
+    def counting(jpegs, plans, device):
+        decoded.extend(jpegs)
+        tiles = decode_tiles(jpegs, plans, device)
+        assert all(t.device.type == "cuda" for t in tiles)
+        return tiles
+
+    monkeypatch.setattr(core, "decode_tiles", counting)
+    rows = {}
+    for device, decode in (("cpu", "exact"), ("cuda", "fast")):
+        out = tmp_path / f"{device}.parquet"
+        extract_features([photo_dir], out, model=str(tiny_ckpt), dtype="fp32", device=device, decode=decode,
+                         tiles="dynamic", max_tiles=6, batch_size=4, num_workers=1, progress=False)
+        rows[device] = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert read_metadata(pq.read_schema(out))["jpeg_decoder"] == "device"
+    assert len(decoded) == 4  # the four JPEGs (the PNG goes the CPU path)
+    for path, r in rows["cuda"].items():
+        a, b = np.asarray(rows["cpu"][path]["cls"]), np.asarray(r["cls"])
+        cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+        print(f"[gpu] nvJPEG vs exact, {Path(path).name}: CLS cosine {cos:.6f}")
+        assert cos >= 0.999
 
 
 def test_serve_on_cuda(tiny_ckpt, photo_dir, tmp_path):

@@ -64,11 +64,14 @@ def test_auto_backend_prefers_openvino_on_cpu(monkeypatch):
 def test_resume_check_reads_outputs_of_earlier_versions():
     from internvit.extract.store import OutputMismatchError, check_compatible
 
-    run = {"model": "m", "backend": "torch", "compute_precision": "bf16", "stored_dtype": "float32", "decode": "exact"}
+    run = {"model": "m", "backend": "torch", "compute_precision": "bf16", "stored_dtype": "float32", "decode": "exact",
+           "jpeg_decoder": "pillow"}
     before_backends = {"model": "m", "dtype": "bfloat16"}  # torch computed in `dtype`, decoded exactly
     check_compatible(before_backends, run, path="f")
     with pytest.raises(OutputMismatchError, match="decode: file has 'exact', this run 'fast'"):
         check_compatible(before_backends, {**run, "decode": "fast"}, path="f")
+    with pytest.raises(OutputMismatchError, match="jpeg_decoder: file has 'pillow', this run 'device'"):
+        check_compatible(before_backends, {**run, "decode": "fast", "jpeg_decoder": "device"}, path="f")
     with pytest.raises(OutputMismatchError, match="backend: file has 'torch', this run 'openvino'"):
         check_compatible(before_backends, {**run, "backend": "openvino"}, path="f")
     # an OpenVINO bf16 run recorded its float32 inputs as `dtype` and the compute precision as `precision`

@@ -21,7 +21,9 @@ patch tokens of every tile the encoder saw, `patch_tokens` the stitched map of t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,14 @@ from internvit.preprocess import (
     open_image,
     tile_pixels,
 )
-from internvit.preprocess.tiling import MAX_TILES, TileLayout, choose_grid, dynamic_tile_pixels
+from internvit.preprocess.device_decode import (
+    DevicePlan,
+    clip_plan,
+    decode_tiles,
+    device_jpeg_size,
+    jpeg_decoder_available,
+)
+from internvit.preprocess.tiling import MAX_TILES, TileLayout, choose_grid, dynamic_tile_pixels, tile_layout
 from internvit.preprocess.video import is_video_name, load_frames
 from internvit.registry import DEFAULT_MAX_TILES, DEFAULT_MODEL
 from internvit.runtime import export_format, is_export
@@ -51,7 +60,7 @@ from internvit.sources import Member, read_member
 from internvit.weights import load_checkpoint
 
 TILE_MODES = ("none", "dynamic")
-DECODE_MODES = ("exact", "fast")
+DECODE_MODES = ("exact", "fast", "device")
 BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
 
 
@@ -66,7 +75,10 @@ class ExtractOptions:
         device: "cpu", "cuda", ...; default CUDA when available.
         batch_size: tiles per forward (tiles of many inputs fill each one); bounds the activation memory.
         decode: "exact" (Pillow decodes every pixel: the reference) or "fast" (a JPEG at least twice the size it
-            is resized to is decoded at 1/2, 1/4 or 1/8 scale by libjpeg; docs/performance.md has its fidelity).
+            is resized to is decoded at 1/2, 1/4 or 1/8 scale by libjpeg; on CUDA with torchvision, JPEGs are
+            decoded on the GPU by nvJPEG and resized there, as with "device"; docs/performance.md has the fidelity)
+            or "device" (JPEGs decoded and resized by torchvision on the model's device, nvJPEG on CUDA; local
+            engine; preprocess/device_decode.py).
         allow_tf32: let CUDA run fp32 convolutions and matmuls in TF32 (faster, ~1e-3 off); off by default, so
             fp32 on a GPU matches the CPU.
         compile: `torch.compile` the encoder (torch backend); the first forwards pay the compilation.
@@ -164,6 +176,8 @@ class Item:
     frame_indices: list[int] | None = None  # videos
     norm: Normalization = field(default_factory=Normalization)  # rescale + mean/std, applied on the device
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # per encoded batch, its tiles' results
+    jpeg: bytes | None = None  # to be decoded on the device (`Prepare.decode_on_device`), as `plan` says
+    plan: DevicePlan | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -174,7 +188,9 @@ class Item:
 class Prepare:
     """Path (or encoded bytes) -> `Item`; a plain picklable object that runs in loader workers and Ray tasks.
 
-    It decodes and resizes (uint8 out); the rescale and normalization run with the encoder, on its device."""
+    It decodes and resizes (uint8 out); the rescale and normalization run with the encoder, on its device. With
+    `device_decode` (`--decode fast` on a GPU, local engine), a JPEG the device can decode is handed over undecoded,
+    with its plan, and `decode_on_device` makes its tiles there (preprocess/device_decode.py)."""
 
     processor: object
     tiles: str
@@ -184,12 +200,13 @@ class Prepare:
     exif_transpose: bool
     max_pixels: int
     decode: str = "exact"
+    device_decode: bool = False
 
     @classmethod
-    def for_model(cls, options: ExtractOptions, loaded: LoadedModel) -> Prepare:
+    def for_model(cls, options: ExtractOptions, loaded: LoadedModel, *, device_decode: bool = False) -> Prepare:
         return cls(loaded.processor, options.tiles, options.max_tiles, options.frames, loaded.vit.config.image_size,
                    options.exif_transpose, DEFAULT_MAX_PIXELS if options.max_pixels is None else options.max_pixels,
-                   options.decode)
+                   options.decode, device_decode)
 
     def __call__(self, path: str, data: bytes | None = None) -> Item:
         """`data`: the input's encoded bytes when they come from elsewhere (a Parquet column, a remote file, a
@@ -201,6 +218,8 @@ class Prepare:
                 frames, indices = load_frames(path, num_segments=self.frames, max_pixels=self.max_pixels)
                 pixels = torch.stack([tile_pixels(f, size=self.tile_size) for f in frames])
                 return Item(path, pixels, size=frames[0].size, frame_indices=indices)
+            if self.device_decode and (item := self._for_device(path, data)) is not None:
+                return item
             full = _FullSize(self)
             image = open_image(path if data is None else data, exif_transpose=self.exif_transpose,
                                max_pixels=self.max_pixels, draft=full if self.decode == "fast" else None)
@@ -231,6 +250,51 @@ class Prepare:
         except Exception as e:  # a shard cut inside this member, a vanished file, a network error
             return Item(path, error=f"{path}: {e}")
         return self(path, data)
+
+    def _for_device(self, path: str, data: bytes | None) -> Item | None:
+        """An undecoded JPEG and its plan, or None where the CPU path must decode (preprocess/device_decode.py)."""
+        if data is None:
+            try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    return None  # FIFOs, devices, folders: `open_image` names them
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                return None
+        size = device_jpeg_size(data, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
+        if size is None:
+            return None
+        if self.tiles == "dynamic":
+            layout = tile_layout(size, max_tiles=self.max_tiles, tile_size=self.tile_size)
+            return Item(path, size=size, layout=layout, jpeg=data, plan=DevicePlan.for_layout(layout))
+        plan = clip_plan(self.processor, *size)
+        if plan is None:
+            return None
+        return Item(path, size=size, norm=self.processor.normalization, jpeg=data, plan=plan)
+
+    def decode_on_device(self, items: list[Item], device: torch.device) -> None:
+        """Decode the JPEGs that `items` carry on `device` (one batch) into their tiles. A JPEG the device decoder
+        refuses goes the CPU path (pixels, or the error Pillow reports)."""
+        todo = [it for it in items if it.jpeg is not None]
+        if not todo:
+            return
+        try:
+            tiles = decode_tiles([it.jpeg for it in todo], [it.plan for it in todo], device)
+        except RuntimeError:  # the batch decoder gives nothing when one fails: find it
+            tiles = []
+            for it in todo:
+                try:
+                    tiles += decode_tiles([it.jpeg], [it.plan], device)
+                except RuntimeError:
+                    tiles.append(None)
+        cpu = dataclasses.replace(self, device_decode=False)
+        for it, pixels in zip(todo, tiles):
+            if pixels is None:
+                redo = cpu(it.path, it.jpeg)
+                it.pixels, it.error, it.size, it.layout, it.norm = redo.pixels, redo.error, redo.size, redo.layout, redo.norm
+            else:
+                it.pixels = pixels
+            it.jpeg = it.plan = None
 
     def _video_from_bytes(self, path: str, data: bytes) -> Item:
         """PyAV reads files: spill the bytes to a temporary one, and name `path` in errors."""
@@ -394,8 +458,22 @@ def _processor(ckpt):
     return ImageProcessor()
 
 
-def output_schema(options: ExtractOptions, loaded: LoadedModel):
-    """The output's columns and its `internvit` metadata (what a resumed run must agree with)."""
+def device_decoding(options: ExtractOptions, loaded: LoadedModel) -> bool:
+    """Whether JPEGs are decoded on the encoder's device: `--decode device`, or `--decode fast` on CUDA with
+    torchvision installed.
+
+    Raises:
+        ValueError: `--decode device` without torchvision.
+    """
+    if options.decode == "device" and not jpeg_decoder_available():
+        raise ValueError("--decode device needs torchvision (pip install torchvision, the build matching torch)")
+    cuda = torch.device(loaded.vit.device).type == "cuda"
+    return options.decode == "device" or (options.decode == "fast" and cuda and jpeg_decoder_available())
+
+
+def output_schema(options: ExtractOptions, loaded: LoadedModel, *, jpeg_decoder: str = "pillow"):
+    """The output's columns and its `internvit` metadata (what a resumed run must agree with). `jpeg_decoder`:
+    "pillow", or "device" where `device_decoding` holds (nvJPEG on CUDA)."""
     config = loaded.vit.config
     layers = layer_indices(options.layers, config.num_hidden_layers)
     width = loaded.projector.config.llm_hidden_size if loaded.projector is not None else 4 * config.hidden_size
@@ -406,6 +484,7 @@ def output_schema(options: ExtractOptions, loaded: LoadedModel):
         "projector": model_name(options.projector) if options.projector is not None else None,
         "tiles": options.tiles, "max_tiles": options.max_tiles if options.tiles == "dynamic" else None,
         "frames": options.frames, "preprocess": loaded.processor.to_dict(), "decode": options.decode,
+        "jpeg_decoder": jpeg_decoder,
         "exif_transpose": bool(options.exif_transpose), "hidden_size": config.hidden_size,
     }
     return feature_schema(config.hidden_size, layers=layers, patch_tokens=options.patch_tokens,
@@ -450,6 +529,8 @@ class RowEncoder:
 
     def __call__(self, items: list[Item]) -> dict:
         """Encode the tiles of `items` (in micro-batches shared between them) and return their rows' columns."""
+        if any(it.jpeg is not None for it in items):
+            raise ValueError("items hold undecoded JPEGs: call Prepare.decode_on_device first")
         ok = [it for it in items if it.pixels is not None]
         tiles = [(it, t) for it in ok for t in range(it.num_tiles)]
         for start in range(0, len(tiles), self.micro_batch):

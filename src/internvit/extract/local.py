@@ -25,6 +25,7 @@ from internvit.extract.core import (
     Item,
     Prepare,
     RowEncoder,
+    device_decoding,
     load_model,
     options_from,
     output_schema,
@@ -92,11 +93,14 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         t_load = time.perf_counter()
         loaded = load_model(options)
         load_seconds = time.perf_counter() - t_load
-        store = FeatureStore(out, output_schema(options, loaded), flush_seconds=flush_seconds)
+        device_decode = device_decoding(options, loaded)
+        store = FeatureStore(out, output_schema(options, loaded, jpeg_decoder="device" if device_decode else "pillow"),
+                             flush_seconds=flush_seconds)
         done = store.finished(include_errors=not options.retry_errors)
         todo = [p for p in paths if p not in done]
+        prepare = Prepare.for_model(options, loaded, device_decode=device_decode)
         loader = torch.utils.data.DataLoader(
-            _Inputs(todo, inputs, Prepare.for_model(options, loaded)), batch_size=LOADER_INPUTS,
+            _Inputs(todo, inputs, prepare), batch_size=LOADER_INPUTS,
             num_workers=num_workers, collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
             prefetch_factor=2 if num_workers else None,
         )
@@ -118,7 +122,7 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
 
         try:
             with _restore_sigchld(num_workers > 0):
-                Pipeline(encoder, write).run(loader)
+                Pipeline(encoder, write, prepare).run(loader)
         finally:
             if bar is not None:
                 bar.close()

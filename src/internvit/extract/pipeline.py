@@ -3,7 +3,8 @@ batch k-1 is pooled into rows and written. The local engine drives it; the stage
 the same on a GPU and on a CPU (where an encoder that only sleeps shows it, tests/unit/test_pipeline.py).
 
     loader workers (processes)   decode + resize -> `Item`s of uint8 tiles         a few inputs per task
-    packer (the calling thread)  tiles of many items -> batches of `batch_size` tiles, in pinned buffers
+    packer (the calling thread)  tiles of many items -> batches of `batch_size` tiles, in pinned buffers;
+                                 with `--decode fast` on a GPU, first the items' JPEGs decoded there (nvJPEG)
     encoder thread               copy to the device (a side stream on CUDA), normalize in fp32, forward, pool
                                  per tile, start the one copy back (`RowEncoder.encode`)
     writer thread                wait for the batch's results, finished items -> rows -> the store (Parquet)
@@ -24,11 +25,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from internvit.extract.core import Encoded, Item, RowEncoder, scatter
+from internvit.extract.core import Encoded, Item, Prepare, RowEncoder, scatter
 
 QUEUE_DEPTH = 2  # batches waiting between two stages
 
@@ -47,10 +49,16 @@ class Pipeline:
     Args:
         encoder: the model's `RowEncoder`; its `micro_batch` is the batch size in tiles.
         write: called in the writer thread with each batch's finished items and their columns, in input order.
+        prepare: the workers' `Prepare`, when it hands over JPEGs to decode on the encoder's device
+            (`device_decode`): the packer decodes each chunk's (on a side stream on CUDA, so beside the forward).
     """
 
-    def __init__(self, encoder: RowEncoder, write: Callable[[list[Item], dict], None]) -> None:
+    def __init__(self, encoder: RowEncoder, write: Callable[[list[Item], dict], None],
+                 prepare: Prepare | None = None) -> None:
         self.encoder, self.write = encoder, write
+        self.prepare = prepare if prepare is not None and prepare.device_decode else None
+        cuda = encoder.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(encoder.device) if cuda and self.prepare is not None else None
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(QUEUE_DEPTH + 2):  # one filling, QUEUE_DEPTH waiting, one uploading
             self._free.put(torch.empty(0, dtype=torch.uint8))  # given its shape when first taken
@@ -81,38 +89,49 @@ class Pipeline:
 
     def _pack(self, chunks: Iterable[list[Item]]) -> None:
         """Fill batches of exactly `micro_batch` tiles (the last one less) with the tiles of consecutive items."""
-        B = self.encoder.micro_batch
         batch = _Batch(None)
-        for chunk in chunks:
-            for item in chunk:
-                t = 0
-                shape = item.pixels.shape[1:] if item.pixels is not None else None
-                if batch.buffer is not None and shape is not None and batch.buffer.shape[1:] != shape:
-                    batch = self._send(batch)  # tiles of another size (a video's beside CLIP crops) never share one
-                while t < item.num_tiles:
-                    if batch.buffer is None:
-                        batch.buffer = self._buffer(item.pixels.shape[1:])
-                    n = min(B - len(batch.tiles), item.num_tiles - t)
-                    batch.buffer[len(batch.tiles):len(batch.tiles) + n].copy_(item.pixels[t:t + n])
-                    batch.tiles += [(item, i) for i in range(t, t + n)]
-                    t += n
-                    if len(batch.tiles) == B:
-                        batch = self._send(batch)
-                batch.done.append(item)
+        with torch.cuda.stream(self._decode_stream) if self._decode_stream is not None else nullcontext():
+            for chunk in chunks:
+                if self.prepare is not None:
+                    self.prepare.decode_on_device(chunk, self.encoder.device)
+                for item in chunk:
+                    batch = self._add(batch, item)
         if batch.tiles or batch.done:
             self._send(batch)
 
-    def _buffer(self, tile_shape: torch.Size) -> torch.Tensor:
-        """A free buffer of `micro_batch` tiles of this shape (pinned for CUDA); waits while all are in flight."""
+    def _add(self, batch: _Batch, item: Item) -> _Batch:
+        """Put `item`'s tiles in `batch` (and the batches after it); returns the batch now filling."""
+        B, t, pixels = self.encoder.micro_batch, 0, item.pixels
+        if batch.buffer is not None and pixels is not None and (batch.buffer.shape[1:] != pixels.shape[1:] or
+                                                                batch.buffer.device != pixels.device):
+            batch = self._send(batch)  # tiles of another size (a video's beside CLIP crops) never share one
+        while t < item.num_tiles:
+            if batch.buffer is None:
+                batch.buffer = self._buffer(pixels)
+            n = min(B - len(batch.tiles), item.num_tiles - t)
+            batch.buffer[len(batch.tiles):len(batch.tiles) + n].copy_(pixels[t:t + n])
+            batch.tiles += [(item, i) for i in range(t, t + n)]
+            t += n
+            if len(batch.tiles) == B:
+                batch = self._send(batch)
+        batch.done.append(item)
+        return batch
+
+    def _buffer(self, tiles: torch.Tensor) -> torch.Tensor:
+        """A free buffer of `micro_batch` tiles like these, where they are (pinned on the host for CUDA); waits
+        while all are in flight."""
         buffer = self._free.get()
-        if buffer.shape[1:] != tile_shape:
-            pin = self.encoder.device.type == "cuda"
-            buffer = torch.empty((self.encoder.micro_batch, *tile_shape), dtype=torch.uint8, pin_memory=pin)
+        shape = (self.encoder.micro_batch, *tiles.shape[1:])
+        if buffer.shape != shape or buffer.device != tiles.device:
+            pin = tiles.device.type == "cpu" and self.encoder.device.type == "cuda"
+            buffer = torch.empty(shape, dtype=torch.uint8, device=tiles.device, pin_memory=pin)
         return buffer
 
     def _send(self, batch: _Batch) -> _Batch:
         if self._errors:
             raise self._errors[0]
+        if self._decode_stream is not None:
+            self._decode_stream.synchronize()  # the tiles decoded and copied on the device, before the forward
         self._to_encode.put(batch)
         return _Batch(None)
 
@@ -122,8 +141,13 @@ class Pipeline:
             batch.encoded = self.encoder.encode(batch.buffer[:n], [it.norm for it, _ in batch.tiles])
             batch.encoded.uploaded()
         if batch.buffer is not None:
-            self._free.put(batch.buffer)
-            batch.buffer = None
+            self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        """Give the batch's buffer back to the pool. A device buffer (decoded tiles) is left to the caching
+        allocator instead, which knows the forward still reads it (`record_stream`); its slot stays in the pool."""
+        self._free.put(batch.buffer if batch.buffer.device.type == "cpu" else torch.empty(0, dtype=torch.uint8))
+        batch.buffer = None
 
     def _write(self, batch: _Batch) -> None:
         if batch.encoded is not None:
@@ -136,14 +160,14 @@ class Pipeline:
         while (batch := inbox.get()) is not None:
             if self._errors:
                 if batch.buffer is not None:
-                    self._free.put(batch.buffer)  # the packer may be waiting for one
+                    self._release(batch)  # the packer may be waiting for one
                 continue
             try:
                 work(batch)
             except BaseException as e:  # noqa: BLE001 - raised in the calling thread by `run`
                 self._errors.append(e)
                 if batch.buffer is not None:
-                    self._free.put(batch.buffer)
+                    self._release(batch)
                 continue
             if outbox is not None:
                 outbox.put(batch)

@@ -201,6 +201,9 @@ def extract_features_ray(
     options = options_from(options, fields)
     if isinstance(options.model, torch.nn.Module):
         raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
+    if options.decode == "device":
+        raise ValueError("--decode device: the local engine only (the ray engine decodes in CPU tasks; --decode fast "
+                         "decodes JPEGs there at a reduced scale)")
     out = os.fspath(out)
     with contextlib.ExitStack() as stack:
         if not is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep

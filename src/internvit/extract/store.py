@@ -32,7 +32,7 @@ METADATA_KEY = b"internvit"
 # path, the preprocessing (EXIF orientation included) and what is stored.
 COMPATIBLE_KEYS = ("model", "weights_fingerprint", "backend", "compute_precision", "stored_dtype", "layers",
                    "patch_tokens", "visual_tokens", "projector", "tiles", "max_tiles", "frames", "preprocess",
-                   "decode", "exif_transpose", "hidden_size")
+                   "decode", "jpeg_decoder", "exif_transpose", "hidden_size")
 STORED_DTYPE = "float32"  # what every feature column of `feature_schema` holds, whatever the encoder computed in
 
 
@@ -59,15 +59,15 @@ def upgrade_metadata(meta: dict) -> dict:
     fp16, int8) and `stored_dtype` (what the feature columns hold). Earlier outputs recorded `dtype` (the torch
     model's dtype, an exported encoder's float32 inputs) and, once backends existed, `backend` and `precision` (the
     compute precision); before backends, torch computed in `dtype`. Every version stored float32; before `--decode`,
-    every output was decoded exactly."""
+    every output was decoded exactly, and before device decoding every JPEG by Pillow."""
     if not meta:
         return meta
     if "compute_precision" in meta:
-        return {"decode": "exact", **meta}
+        return {"decode": "exact", "jpeg_decoder": "pillow", **meta}
     old = dict(meta)
     dtype, precision = old.pop("dtype", None), old.pop("precision", None)
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    return {"backend": "torch", "decode": "exact", **old, "compute_precision": precision or short.get(dtype, dtype),
+    return {"backend": "torch", "decode": "exact", "jpeg_decoder": "pillow", **old, "compute_precision": precision or short.get(dtype, dtype),
             "stored_dtype": STORED_DTYPE}
 
 

@@ -121,7 +121,8 @@ def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DE
     Returns:
         The tiles (tile_size x tile_size PIL images, thumbnail last) and their layout.
     """
-    layout = _layout(image.size, min_tiles, max_tiles, tile_size, use_thumbnail)
+    layout = tile_layout(image.size, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
+                         use_thumbnail=use_thumbnail)
     (cols, rows), S = layout.grid, tile_size
     resized = image.resize((cols * S, rows * S), Image.Resampling.BICUBIC)
     tiles = [resized.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
@@ -138,7 +139,8 @@ def dynamic_tile_pixels(image: Image.Image, *, min_tiles: int = 1, max_tiles: in
     `source_size`: the image's full size when it was decoded at a reduced scale (JPEG draft): the grid and the
     layout are chosen from it, as for the full image.
     """
-    layout = _layout(source_size or image.size, min_tiles, max_tiles, tile_size, use_thumbnail)
+    layout = tile_layout(source_size or image.size, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
+                         use_thumbnail=use_thumbnail)
     (cols, rows), S = layout.grid, tile_size
     resized_HWC = np.asarray(image.resize((cols * S, rows * S), Image.Resampling.BICUBIC))
     tiles_TCSS = np.empty((layout.num_tiles, 3, S, S), np.uint8)
@@ -148,7 +150,9 @@ def dynamic_tile_pixels(image: Image.Image, *, min_tiles: int = 1, max_tiles: in
     return torch.from_numpy(tiles_TCSS), layout
 
 
-def _layout(size: tuple[int, int], min_tiles: int, max_tiles: int, tile_size: int, use_thumbnail: bool) -> TileLayout:
+def tile_layout(size: tuple[int, int], *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
+                tile_size: int = TILE_SIZE, use_thumbnail: bool = True) -> TileLayout:
+    """The grid, boxes and thumbnail of an image of `size` (width, height), as `dynamic_tiles` cuts it."""
     width, height = size
     cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size)
     boxes = tuple((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
