@@ -63,6 +63,13 @@ def test_300m_on_cuda_fp32_bf16_fp16(random_300m):
             assert err <= 1e-4
         else:
             assert err <= 1.1 * ref_err
+    # the bare model with torch's defaults (cuDNN may use TF32): the patch embedding runs as an exact matmul
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    vit = internvit.from_pretrained(str(random_300m.official_dir), dtype="fp32", device="cuda")
+    with torch.inference_mode():
+        bare = vit(x).last_hidden_state[:, 0].cpu().numpy()
+    print(f"[gpu] 300M fp32, bare model(x): max abs vs CPU fp32 {np.abs(bare - cpu).max():.2e}")
+    assert np.abs(bare - cpu).max() <= 1e-4
 
 
 def test_extract_on_cuda_equals_the_cpu_rows(tiny_ckpt, photo_dir, tmp_path):

@@ -60,6 +60,19 @@ def test_non_square_and_non_multiple_sizes(tiny, hw):
 
 
 @torch.no_grad()
+@torch.no_grad()
+@pytest.mark.parametrize("hw", [(56, 56), (59, 70)])
+def test_patch_embedding_as_a_matmul_equals_the_convolution(tiny, hw):
+    """fp32 on CUDA embeds patches with a matmul (cuDNN's convolution would run in TF32 by default); checked here
+    against the convolution, also where the size is not a multiple of the patch (the rest is dropped)."""
+    emb = tiny[0].embeddings
+    x = torch.randn(2, 3, *hw)
+    conv = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+    ours, h, w = emb.patches_as_matmul(x)
+    assert (h, w) == (hw[0] // 14, hw[1] // 14)
+    torch.testing.assert_close(ours, conv, atol=1e-5, rtol=1e-5)
+
+
 def test_matches_spec_forward(tiny, tiny_config):
     model, sd = tiny
     x = torch.randn(2, 3, 56, 56)

@@ -110,12 +110,30 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.patch_embedding.weight.dtype
-        patches_BChw = self.patch_embedding(pixel_values)
-        B, _, h, w = patches_BChw.shape
-        patches_BMC = patches_BChw.flatten(2).transpose(1, 2)  # row-major over (row, col)
+        if pixel_values.is_cuda and pixel_values.dtype == dtype == torch.float32:
+            patches_BMC, h, w = self.patches_as_matmul(pixel_values)
+        else:
+            patches_BChw = self.patch_embedding(pixel_values)
+            h, w = patches_BChw.shape[2:]
+            patches_BMC = patches_BChw.flatten(2).transpose(1, 2)  # row-major over (row, col)
+        B = patches_BMC.shape[0]
         x_BNC = torch.cat([self.class_embedding.expand(B, 1, -1).to(dtype), patches_BMC], dim=1)
         pos_1NC = torch.cat([self.position_embedding[:, :1], self._patch_position_embedding(h, w)], dim=1)
         return x_BNC + pos_1NC.to(dtype)
+
+    def patches_as_matmul(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """The patch embedding (a convolution whose stride is its kernel) as one matmul: [B, h*w, C], h, w.
+
+        Used for fp32 on CUDA, where cuDNN runs convolutions in TF32 by default (`torch.backends.cudnn.allow_tf32`,
+        2.7e-3 off the CPU's fp32 on the 300M) while matmuls are exact unless asked (`allow_tf32` /
+        `torch.set_float32_matmul_precision`): the whole forward then follows the one matmul setting."""
+        p = self.patch_embedding.stride[0]
+        B, K, H, W = pixel_values.shape
+        h, w = H // p, W // p  # a convolution drops the pixels past the last whole patch
+        x_BMK = (pixel_values[:, :, :h * p, :w * p].reshape(B, K, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+                 .reshape(B, h * w, K * p * p))
+        weight_CK = self.patch_embedding.weight.reshape(self.patch_embedding.out_channels, -1)
+        return F.linear(x_BMK, weight_CK, self.patch_embedding.bias), h, w
 
 
 def blocked_attention(q_BHND: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor, scale: float,
