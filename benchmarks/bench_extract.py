@@ -12,8 +12,9 @@ In one run (`--device`, default CUDA when present):
     4. preprocessing's CPU cost per tile on one core, dynamic tiles, exact decoding: ours (decode, resize, uint8
        tiles; the normalization runs with the encoder, on its device) against InternVL's own float pipeline (PIL
        tiles + torchvision `ToTensor` + `Normalize`, `load_image` of the model card); target <= 0.8x;
-    5. the fidelity of `--decode fast`: per image the cosine of its CLS to exact decoding's, and the overlap of
-       its 10 nearest neighbours (cosine, among the corpus) under the two.
+    5. the fidelity of `--decode fast` (and `device`): per image the cosine of its CLS to exact decoding's, and
+       the overlap of its 10 nearest neighbours (cosine, among the corpus) under the two. On CUDA with
+       torchvision, `fast` decodes JPEGs with nvJPEG on the GPU (the loader alone then includes that decoding).
 Writes benchmarks/results/extract_<hardware>_<date>.{json,md}.
 
     python benchmarks/bench_extract.py [--images N] [--device cuda] [--dtype bf16] [--batch-size 64] [--workers N]
@@ -62,8 +63,9 @@ def _make_image(i: int, path: Path) -> None:
     crop.resize(MIX[i % len(MIX)], Image.Resampling.BICUBIC).save(path, quality=90)
 
 
-def loader_alone(paths: list[Path], prepare, workers: int) -> dict:
-    """The local engine's loader without a model: every input prepared, its tiles counted."""
+def loader_alone(paths: list[Path], prepare, workers: int, device: str) -> dict:
+    """The local engine's loader without a model: every input prepared, its tiles counted (with device decoding,
+    the JPEGs decoded on `device` as the pipeline's packer does)."""
     import torch
 
     from internvit.extract.local import LOADER_INPUTS
@@ -80,7 +82,11 @@ def loader_alone(paths: list[Path], prepare, workers: int) -> dict:
                                          worker_init_fn=(lambda _: torch.set_num_threads(1)) if workers else None)
     t, tiles = time.perf_counter(), 0
     for items in loader:
+        if prepare.device_decode:
+            prepare.decode_on_device(items, torch.device(device))
         tiles += sum(it.num_tiles for it in items)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "tiles": tiles, "tiles_per_s": tiles / seconds, "images_per_s": len(paths) / seconds}
 
@@ -282,7 +288,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--max-tiles", type=int, default=12)
     ap.add_argument("--tiles", nargs="+", default=["none", "dynamic"], choices=["none", "dynamic"],
-                    help="the tile modes to measure (each with decode exact and fast)")
+                    help="the tile modes to measure (each with every --decode)")
+    ap.add_argument("--decode", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "device"],
+                    help="the decode modes to measure; exact is always included, as the fidelity reference (fast on "
+                    "CUDA decodes JPEGs with nvJPEG; device on a CPU decodes them with torchvision in the main process)")
     ap.add_argument("--backend", default="torch", choices=["torch", "openvino", "onnxruntime"],
                     help="extract's --backend (the encoder alone is that backend's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (its warm-up is reported)")
@@ -292,6 +301,7 @@ def main() -> None:
 
     import internvit
     from internvit.extract.core import ExtractOptions, Prepare, inspect_model, load_model
+    from internvit.preprocess.device_decode import jpeg_decoder_available
     from internvit.weights import init_checkpoint
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "images": args.images, "device": args.device,
@@ -324,11 +334,14 @@ def main() -> None:
                 enc["mfu"] = enc["tiles_per_s"] * GFLOP_PER_TILE / 1e3 / report["matmul_peak_tflops"]
         report["encoder"] = enc
         del loaded
-        for tiles, decode in [(tiles, decode) for tiles in args.tiles for decode in ("exact", "fast")]:
+        decodes = ["exact", *(d for d in args.decode if d != "exact")]
+        for tiles, decode in [(tiles, decode) for tiles in args.tiles for decode in decodes]:
             options = dataclasses.replace(base, tiles=tiles, decode=decode)
-            prepare = Prepare.for_model(options, inspect_model(options))
+            on_device = decode == "device" or (decode == "fast" and args.device.startswith("cuda")
+                                               and jpeg_decoder_available())
+            prepare = Prepare.for_model(options, inspect_model(options), device_decode=on_device)
             log(f"tiles {tiles}, decode {decode}: the loader alone ...")
-            loader = loader_alone(paths, prepare, args.workers)
+            loader = loader_alone(paths, prepare, args.workers, args.device)
             log(f"tiles {tiles}, decode {decode}: end to end ...")
             out = tmp / f"{tiles}-{decode}.parquet"
             s = internvit.extract_features([tmp / "corpus"], out, options, num_workers=args.workers)
@@ -336,13 +349,13 @@ def main() -> None:
             e2e = {"seconds": run, "tiles": s.tiles, "tiles_per_s": s.tiles / run, "images_per_s": len(paths) / run,
                    "encoder_busy": s.model_seconds / run, "failed": s.failed}
             report["modes"][f"{tiles}/{decode}"] = {
-                "loader": loader, "end_to_end": e2e,
+                "loader": loader, "end_to_end": e2e, "jpeg_decoder": "device" if on_device else "pillow",
                 "vs_loader": e2e["tiles_per_s"] / loader["tiles_per_s"],
                 "vs_encoder": e2e["tiles_per_s"] / enc["tiles_per_s"],
                 "vs_min": e2e["tiles_per_s"] / min(loader["tiles_per_s"], enc["tiles_per_s"])}
-        for tiles in args.tiles:
-            report["modes"][f"{tiles}/fast"]["fidelity"] = fidelity(tmp / f"{tiles}-exact.parquet",
-                                                                    tmp / f"{tiles}-fast.parquet")
+        for tiles, decode in [(tiles, decode) for tiles in args.tiles for decode in decodes[1:]]:
+            report["modes"][f"{tiles}/{decode}"]["fidelity"] = fidelity(tmp / f"{tiles}-exact.parquet",
+                                                                        tmp / f"{tiles}-{decode}.parquet")
         log("an encoder that only sleeps ...")
         tiles_run = report["modes"][f"{args.tiles[0]}/exact"]["loader"]["tiles"]
         batch = max(1, min(args.batch_size, tiles_run // 40))  # >= 40 batches: filling and draining ~1/40 each
@@ -397,15 +410,18 @@ def markdown(r: dict) -> str:
         f"(uint8; the normalization, {p['normalize_ms_per_tile']:.1f} ms per tile on a CPU, runs with the encoder), "
         f"InternVL's float pipeline {p['internvl_ms_per_tile']:.1f} ms: **{p['ratio']:.2f}x** (target <= 0.8).",
         "",
-        "`--decode fast` against exact (CLS of each image; its 10 nearest neighbours among the corpus, cosine):",
+        "Other decodings against exact (CLS of each image; its 10 nearest neighbours among the corpus, cosine; "
+        "JPEG decoder: pillow = libjpeg in the workers, device = torchvision on the model's device, nvJPEG on CUDA):",
         "",
-        "| tiles | CLS cosine mean (min) | k-NN overlap mean (min) |",
-        "|---|---|---|",
+        "| tiles / decode | JPEG decoder | CLS cosine mean (min) | k-NN overlap mean (min) |",
+        "|---|---|---|---|",
     ]
-    for tiles in [m.split("/")[0] for m in r["modes"] if m.endswith("/fast")]:
-        f = r["modes"][f"{tiles}/fast"]["fidelity"]
-        lines.append(f"| {tiles} | {f['cls_cosine_mean']:.4f} ({f['cls_cosine_min']:.4f}) | "
-                     f"{f['knn_overlap_mean']:.2f} ({f['knn_overlap_min']:.2f}), k={f['knn']} |")
+    for mode, x in r["modes"].items():
+        if "fidelity" in x:
+            f = x["fidelity"]
+            lines.append(f"| {mode} | {x.get('jpeg_decoder', 'pillow')} | {f['cls_cosine_mean']:.4f} "
+                         f"({f['cls_cosine_min']:.4f}) | {f['knn_overlap_mean']:.2f} ({f['knn_overlap_min']:.2f}), "
+                         f"k={f['knn']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,7 @@ from internvit.weights import load_checkpoint
 
 TILE_MODES = ("none", "dynamic")
 DECODE_MODES = ("exact", "fast", "device")
+MAX_DEVICE_JPEG_BYTES = 1 << 28  # larger files are no photos: the CPU path looks at them
 BACKENDS = ("torch", "openvino", "onnxruntime", "auto")
 
 
@@ -255,8 +256,9 @@ class Prepare:
         """An undecoded JPEG and its plan, or None where the CPU path must decode (preprocess/device_decode.py)."""
         if data is None:
             try:
-                if not stat.S_ISREG(os.stat(path).st_mode):
-                    return None  # FIFOs, devices, folders: `open_image` names them
+                st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DEVICE_JPEG_BYTES:
+                    return None  # FIFOs, devices, folders, huge files: `open_image` names them
                 with open(path, "rb") as f:
                     data = f.read()
             except OSError:
@@ -291,7 +293,7 @@ class Prepare:
         for it, pixels in zip(todo, tiles):
             if pixels is None:
                 redo = cpu(it.path, it.jpeg)
-                it.pixels, it.error, it.size, it.layout, it.norm = redo.pixels, redo.error, redo.size, redo.layout, redo.norm
+                it.pixels, it.error, it.size, it.layout = redo.pixels, redo.error, redo.size, redo.layout
             else:
                 it.pixels = pixels
             it.jpeg = it.plan = None
