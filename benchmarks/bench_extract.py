@@ -290,8 +290,9 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=["none", "dynamic"], choices=["none", "dynamic"],
                     help="the tile modes to measure (each with every --decode)")
     ap.add_argument("--decode", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "device"],
-                    help="the decode modes to measure; exact is always included, as the fidelity reference (fast on "
-                    "CUDA decodes JPEGs with nvJPEG; device on a CPU decodes them with torchvision in the main process)")
+                    help="the decode modes to measure; exact is always included, as the fidelity reference (fast "
+                    "on CUDA decodes JPEGs with nvJPEG; device on a CPU decodes them with torchvision in the main "
+                    "process)")
     ap.add_argument("--backend", default="torch", choices=["torch", "openvino", "onnxruntime"],
                     help="extract's --backend (the encoder alone is that backend's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (its warm-up is reported)")

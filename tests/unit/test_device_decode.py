@@ -161,3 +161,24 @@ def test_device_decoding_is_the_local_engines(tiny_ckpt, tmp_path):
 def test_options_name_the_modes():
     with pytest.raises(ValueError, match="exact, fast, device"):
         dataclasses.replace(core.ExtractOptions(), decode="gpu")
+
+
+def test_the_packer_decodes_many_inputs_per_call(tiny_ckpt, photo_dir, tmp_path, monkeypatch):
+    """The batched decoder is called with up to DECODE_BATCH inputs, not one loader task's few."""
+    from internvit.extract import pipeline
+
+    root = tmp_path / "many"
+    root.mkdir()
+    photo = Image.open(photo_dir / "coffee.jpg")
+    for i in range(40):
+        photo.rotate(i * 9).save(root / f"{i:02d}.jpg")
+    calls = []
+
+    def counting(jpegs, plans, device):
+        calls.append(len(jpegs))
+        return decode_tiles(jpegs, plans, device)
+
+    monkeypatch.setattr(core, "decode_tiles", counting)
+    extract_features([root], tmp_path / "f.parquet", model=str(tiny_ckpt), dtype="fp32", decode="device",
+                     num_workers=0, progress=False)
+    assert calls == [pipeline.DECODE_BATCH, 40 - pipeline.DECODE_BATCH]

@@ -94,8 +94,8 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         loaded = load_model(options)
         load_seconds = time.perf_counter() - t_load
         device_decode = device_decoding(options, loaded)
-        store = FeatureStore(out, output_schema(options, loaded, jpeg_decoder="device" if device_decode else "pillow"),
-                             flush_seconds=flush_seconds)
+        schema = output_schema(options, loaded, jpeg_decoder="device" if device_decode else "pillow")
+        store = FeatureStore(out, schema, flush_seconds=flush_seconds)
         done = store.finished(include_errors=not options.retry_errors)
         todo = [p for p in paths if p not in done]
         prepare = Prepare.for_model(options, loaded, device_decode=device_decode)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ import torch
 from internvit.extract.core import Encoded, Item, Prepare, RowEncoder, scatter
 
 QUEUE_DEPTH = 2  # batches waiting between two stages
+DECODE_BATCH = 32  # inputs whose JPEGs are decoded on the device in one call (`Prepare.device_decode`)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Pipeline:
         encoder: the model's `RowEncoder`; its `micro_batch` is the batch size in tiles.
         write: called in the writer thread with each batch's finished items and their columns, in input order.
         prepare: the workers' `Prepare`, when it hands over JPEGs to decode on the encoder's device
-            (`device_decode`): the packer decodes each chunk's (on a side stream on CUDA, so beside the forward).
+            (`device_decode`): the packer decodes them, `DECODE_BATCH` inputs at a time (on a side stream on CUDA,
+            beside the forward).
     """
 
     def __init__(self, encoder: RowEncoder, write: Callable[[list[Item], dict], None],
@@ -91,13 +93,25 @@ class Pipeline:
         """Fill batches of exactly `micro_batch` tiles (the last one less) with the tiles of consecutive items."""
         batch = _Batch(None)
         with torch.cuda.stream(self._decode_stream) if self._decode_stream is not None else nullcontext():
-            for chunk in chunks:
-                if self.prepare is not None:
-                    self.prepare.decode_on_device(chunk, self.encoder.device)
+            for chunk in chunks if self.prepare is None else self._decoded(chunks):
                 for item in chunk:
                     batch = self._add(batch, item)
         if batch.tiles or batch.done:
             self._send(batch)
+
+    def _decoded(self, chunks: Iterable[list[Item]]) -> Iterator[list[Item]]:
+        """The chunks, their JPEGs decoded on the device `DECODE_BATCH` inputs at a time (the batched decoder's
+        cost per call is paid once for many images)."""
+        pending: list[list[Item]] = []
+        for chunk in chunks:
+            pending.append(chunk)
+            if sum(map(len, pending)) >= DECODE_BATCH:
+                self.prepare.decode_on_device([it for c in pending for it in c], self.encoder.device)
+                yield from pending
+                pending = []
+        if pending:
+            self.prepare.decode_on_device([it for c in pending for it in c], self.encoder.device)
+            yield from pending
 
     def _add(self, batch: _Batch, item: Item) -> _Batch:
         """Put `item`'s tiles in `batch` (and the batches after it); returns the batch now filling."""

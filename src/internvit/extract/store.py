@@ -67,7 +67,8 @@ def upgrade_metadata(meta: dict) -> dict:
     old = dict(meta)
     dtype, precision = old.pop("dtype", None), old.pop("precision", None)
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    return {"backend": "torch", "decode": "exact", "jpeg_decoder": "pillow", **old, "compute_precision": precision or short.get(dtype, dtype),
+    return {"backend": "torch", "decode": "exact", "jpeg_decoder": "pillow", **old,
+            "compute_precision": precision or short.get(dtype, dtype),
             "stored_dtype": STORED_DTYPE}
 
 
