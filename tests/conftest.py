@@ -83,6 +83,20 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_448(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_ckpt` with the model card's 448-px CLIP preprocessing (tiny's own is 56 px), for tests where the size
+    of a tile matters (its cost, a resize's memory)."""
+    import json
+    import shutil
+
+    from internvit.registry import PREPROCESSOR_CONFIG
+
+    out = shutil.copytree(tiny_ckpt, tmp_path_factory.mktemp("ckpt448") / "tiny448")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photographs: the four of PHOTOS as JPEG, and a grayscale PNG two folders down."""
     skdata = pytest.importorskip("skimage.data")

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hub repo id, local folder or file, or one of: {', '.join(REGISTRY)} (default: %(default)s)")
     p.add_argument("--revision", help="Hub branch, tag or commit of --model")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype (default: bf16; for an export folder its own precision)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_positive, default=8,
                    help="tiles per forward, filled with the tiles of many inputs (default: 8)")
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="Hub branch, tag or commit of --model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--port", type=_non_negative, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype (default: bf16; for an export folder its own precision)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=["torch", "openvino", "onnxruntime", "auto"],
                    help="as `internvit extract --backend` (default: torch, or an export folder's own runtime)")

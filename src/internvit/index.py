@@ -302,7 +302,10 @@ def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     # Only the pooled columns are searched: patch and visual tokens are not extracted for queries.
     layers = sorted({int(c.split("_l", 1)[1]) for c in feature_columns(index.feature) if "_l" in c})
     options.setdefault("progress", False)
-    extract_features(images, out, model=model, dtype=meta.get("compute_precision", "bf16"),
+    # The backend and precision the features were computed with: an export folder runs in its own (int8 included).
+    precision = meta.get("compute_precision", "bf16")
+    options.setdefault("backend", meta.get("backend"))
+    extract_features(images, out, model=model, dtype=precision if precision in ("fp32", "bf16", "fp16") else None,
                      tiles=meta.get("tiles", "none"), max_tiles=meta.get("max_tiles") or 12,
                      frames=meta.get("frames", 8), layers=layers, exif_transpose=meta.get("exif_transpose", True),
                      **options)

@@ -59,7 +59,7 @@ class ServeOptions:
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    dtype: str = "bf16"
+    dtype: str | None = None  # bf16, or an export folder's own precision
     device: str | None = None
     tiles: str = "none"
     max_tiles: int = DEFAULT_MAX_TILES

@@ -40,6 +40,7 @@ from internvit.checkpoint import (  # noqa: F401 - re-exported
 )
 from internvit.config import PRESETS, InternVisionConfig
 from internvit.model.vision import InternVisionModel
+from internvit.registry import PREPROCESSOR_CONFIG
 
 
 # ---- public entry points ---------------------------------------------------------------------------
@@ -127,4 +128,7 @@ def init_checkpoint(
     # Materialise directly in the target dtype: the 6B never exists in fp32 here.
     model = model.to(parse_dtype(dtype)).to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
-    return save_pretrained(model.state_dict(), config, out_dir)
+    # The model card's CLIP preprocessing, to the preset's own tile size (a small preset takes small tiles, and its
+    # exports are fixed to them).
+    preprocessor = {**PREPROCESSOR_CONFIG, "size": config.image_size, "crop_size": config.image_size}
+    return save_pretrained(model.state_dict(), config, out_dir, preprocessor=preprocessor)

@@ -90,6 +90,27 @@ def test_index_search_with_images_and_rows(world, tmp_path):
     assert len(lines) == 8 * 2 and all(len(line.split("\t")) == 4 for line in lines)
 
 
+def test_search_encodes_queries_as_the_indexed_features_were(world, tmp_path):
+    """Features of an int8 OpenVINO export (`extract --model EXPORT`: no --dtype needed, the export's own precision)
+    and of a checkpoint run with `--backend openvino`: an image query is encoded the same way (backend and
+    precision from the index's metadata) and finds itself with similarity 1."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    photos, query = world["photos"] / "animals", world["photos"] / "animals" / "coffee.jpg"
+    run_cli("export", world["ckpt"], tmp_path / "int8", "--format", "openvino", "--precision", "int8",
+            "--calibration", photos, "--force")
+    for name, model in (("int8", ["--model", tmp_path / "int8"]),
+                        ("openvino", ["--model", world["ckpt"], "--backend", "openvino", "--dtype", "fp32"])):
+        features = tmp_path / f"{name}.parquet"
+        run_cli("extract", photos, "--out", features, *model, "--workers", "0", "--quiet")
+        meta = json.loads(pq.read_schema(features).metadata[b"internvit"])
+        assert (meta["backend"], meta["compute_precision"]) == ("openvino", "int8" if name == "int8" else "fp32")
+        run_cli("index", features, "--out", tmp_path / f"idx-{name}", "--kind", "exact")
+        run_cli("search", tmp_path / f"idx-{name}", query, "-k", "1", "--out", tmp_path / f"res-{name}.parquet")
+        top = pq.read_table(tmp_path / f"res-{name}.parquet").to_pylist()[0]
+        assert top["path"] == str(query) and top["score"] == pytest.approx(1.0, abs=1e-5), name
+
+
 def test_dedup_ranks_planted_copies_first(world, tmp_path):
     run_cli("dedup", world["features"], "--threshold", "-1", "--out", tmp_path / "pairs.parquet")
     pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()

@@ -66,7 +66,7 @@ def rows(out: Path) -> dict[str, str | None]:
 # ---- 1. bounded memory per input ------------------------------------------------------------------------
 
 
-def test_elongated_png_is_an_error_row_in_bounded_memory(tiny_ckpt, tmp_path):
+def test_elongated_png_is_an_error_row_in_bounded_memory(tiny_ckpt_448, tmp_path):
     """A 1x20000 PNG (a few hundred bytes) asked the CLIP resize for a 448 x 8,960,000 image (12 GB)."""
     strip = tmp_path / "in" / "strip.png"
     strip.parent.mkdir()
@@ -78,7 +78,7 @@ def test_elongated_png_is_an_error_row_in_bounded_memory(tiny_ckpt, tmp_path):
     code = ("import re, sys; from internvit.cli import main; rc = main(sys.argv[1:]); "
             "print(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "extract", str(strip), "--out", str(out),
-                           "--model", str(tiny_ckpt), "--dtype", "fp32", "--workers", "0", "--quiet"],
+                           "--model", str(tiny_ckpt_448), "--dtype", "fp32", "--workers", "0", "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     peak_mb = int(proc.stdout.split()[-1]) / 1024
@@ -87,7 +87,7 @@ def test_elongated_png_is_an_error_row_in_bounded_memory(tiny_ckpt, tmp_path):
     error = rows(out)[str(strip)]
     assert "too elongated" in error and "--tiles dynamic" in error
     # The suggested way works: dynamic tiles resize to the grid (12 tiles at most), not to the shortest side.
-    rc = cli_main(["extract", str(strip), "--out", str(tmp_path / "d.parquet"), "--model", str(tiny_ckpt),
+    rc = cli_main(["extract", str(strip), "--out", str(tmp_path / "d.parquet"), "--model", str(tiny_ckpt_448),
                    "--dtype", "fp32", "--workers", "0", "--quiet", "--tiles", "dynamic"])
     assert rc == 0
 

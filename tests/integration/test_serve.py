@@ -109,8 +109,8 @@ def test_openai_client_equals_extract(tiny_ckpt, photos, reference):
                                                          "encoding_format": "base64"}).json()
         vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4")
         assert np.abs(vec - ref_cls(reference, 2)).max() <= 1e-5
-        # One tile of the checkpoint's CLIP crop (448: the tiny test checkpoint keeps the official preprocessing).
-        assert raw["usage"]["prompt_tokens"] == 1 + (448 // 14) ** 2
+        # One tile of the checkpoint's CLIP crop (56 px: `init --preset tiny` writes its own tile size).
+        assert raw["usage"]["prompt_tokens"] == 1 + (56 // 14) ** 2
 
         # The native call: extra layers and the patch-token map, as JSON and as Arrow IPC.
         body = {"input": [data_url(p) for p in photos], "layers": [1], "patch_tokens": True}
@@ -446,11 +446,11 @@ def test_idle_and_slow_connections_are_closed(guarded):
 
 
 @pytest.mark.slow
-def test_a_small_request_is_not_starved_by_big_ones(tiny_ckpt):
+def test_a_small_request_is_not_starved_by_big_ones(tiny_ckpt_448):
     """Two 256-image requests in flight: a 1-image request waits about one forward, and memory stays bounded; when
-    their clients go, their work stops."""
+    their clients go, their work stops. (448-px tiles: the big requests must last.)"""
     big, small = {"input": [tiny_png(i) for i in range(256)]}, {"input": [tiny_png(1000)]}
-    with server(tiny_ckpt, "--max-batch-tiles", "4") as (url, proc):
+    with server(tiny_ckpt_448, "--max-batch-tiles", "4") as (url, proc):
         def rss_mb(field: str) -> float:
             text = Path(f"/proc/{proc.pid}/status").read_text()
             return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field))) / 1024

@@ -88,7 +88,9 @@ def test_init_checkpoint_writes_the_official_layout(tmp_path):
     assert config["model_type"] == "intern_vit_6b" and config["architectures"] == ["InternVisionModel"]
     assert config["torch_dtype"] == "bfloat16"
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 4)
-    assert json.loads((out / "preprocessor_config.json").read_text()) == PREPROCESSOR_CONFIG
+    # the model card's CLIP preprocessing to the preset's own tile size (56: exports of it take 56-px tiles)
+    assert json.loads((out / "preprocessor_config.json").read_text()) == {**PREPROCESSOR_CONFIG, "size": 56,
+                                                                          "crop_size": 56}
     stored = read_file(out / "model.safetensors")
     assert {k: list(v.shape) for k, v in stored.items()} == tiny_shapes()
     assert all(v.dtype == torch.bfloat16 for v in stored.values())

@@ -72,7 +72,8 @@ class ExtractOptions:
     Attributes:
         model: a name or path for `internvit.from_pretrained`, or a loaded `InternVisionModel` (local engine).
         revision: Hub revision of `model`.
-        dtype: compute dtype (bf16 is the reference dtype and the fastest on CPUs with AVX-512 BF16).
+        dtype: compute dtype (bf16 is the reference dtype and the fastest on CPUs with AVX-512 BF16). None: bf16,
+            or for an `internvit export` folder its own precision (the only one an int8 export runs in).
         device: "cpu", "cuda", ...; default CUDA when available.
         batch_size: tiles per forward (tiles of many inputs fill each one); bounds the activation memory.
         decode: "exact" (Pillow decodes every pixel: the reference) or "fast" (a JPEG at least twice the size it
@@ -100,7 +101,7 @@ class ExtractOptions:
 
     model: object = DEFAULT_MODEL
     revision: str | None = None
-    dtype: str | torch.dtype | None = "bf16"
+    dtype: str | torch.dtype | None = None
     device: str | torch.device | None = None
     batch_size: int = 8
     decode: str = "exact"
@@ -132,6 +133,8 @@ class ExtractOptions:
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.dtype is None and not (isinstance(self.model, (str, os.PathLike)) and is_export(self.model)):
+            object.__setattr__(self, "dtype", "bf16")
         if self.projector is not None:
             object.__setattr__(self, "visual_tokens", True)
 
