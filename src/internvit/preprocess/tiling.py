@@ -121,14 +121,9 @@ def dynamic_tiles(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DE
     Returns:
         The tiles (tile_size x tile_size PIL images, thumbnail last) and their layout.
     """
-    layout = tile_layout(image.size, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
-                         use_thumbnail=use_thumbnail)
-    (cols, rows), S = layout.grid, tile_size
-    resized = image.resize((cols * S, rows * S), Image.Resampling.BICUBIC)
-    tiles = [resized.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
-    if layout.thumbnail:
-        tiles.append(image.resize((S, S), Image.Resampling.BICUBIC))
-    return tiles, layout
+    pixels, layout = dynamic_tile_pixels(image, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size,
+                                         use_thumbnail=use_thumbnail)
+    return [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in pixels], layout
 
 
 def dynamic_tile_pixels(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = DEFAULT_MAX_TILES,
