@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import json
 import os
 import signal
 import statistics
@@ -188,6 +189,7 @@ def main() -> None:
     from common import machine, make_photos, write_results
 
     from internvit.extract import extract_features
+    from internvit.registry import PREPROCESSOR_CONFIG
     from internvit.weights import init_checkpoint
 
     levels = [int(c) for c in args.clients.split(",")]
@@ -200,6 +202,8 @@ def main() -> None:
         photos = make_photos(tmp / "photos", args.photos)
         bodies = [{"input": ["data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()]} for p in photos]
         model = init_checkpoint(tmp / "model", preset=args.preset, dtype=args.dtype)
+        # 448-px tiles whatever the preset (tiny's own preprocessing is 56 px): a request costs a real tile's work
+        (model / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
 
         s = extract_features(photos, tmp / "offline.parquet", model=str(model), dtype=args.dtype, progress=False)
         report["offline"] = {"tiles_per_s": s.tiles / (s.seconds - s.load_seconds),
