@@ -305,6 +305,7 @@ def _encode_like(index: Index, images: list[str], out: Path, **options) -> None:
     # The backend and precision the features were computed with: an export folder runs in its own (int8 included).
     precision = meta.get("compute_precision", "bf16")
     options.setdefault("backend", meta.get("backend"))
+    options.setdefault("decode", meta.get("decode", "exact"))
     extract_features(images, out, model=model, dtype=precision if precision in ("fp32", "bf16", "fp16") else None,
                      tiles=meta.get("tiles", "none"), max_tiles=meta.get("max_tiles") or 12,
                      frames=meta.get("frames", 8), layers=layers, exif_transpose=meta.get("exif_transpose", True),
