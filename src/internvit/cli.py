@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: every pixel decoded (default); fast: JPEGs at least twice the size they are resized "
                    "to are decoded at 1/2, 1/4 or 1/8 scale, or on CUDA by nvJPEG on the GPU (faster; CLS cosine to "
                    "exact in docs/performance.md); device: JPEGs decoded and resized on the model's device "
-                   "(torchvision; local engine)")
+                   "(torchvision)")
     p.add_argument("--tf32", action="store_true",
                    help="on CUDA, let fp32 convolutions and matmuls use TF32 (faster, about 1e-3 off the CPU's fp32)")
     p.add_argument("--compile", action="store_true",

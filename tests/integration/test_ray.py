@@ -169,6 +169,21 @@ def test_interrupted_run_resumes_each_input_once(ray_address, tiny_ckpt, photo_d
     assert pq.read_table(out).num_rows == n
 
 
+def test_ray_engine_decodes_on_the_actors_device(ray_address, tiny_ckpt, photo_dir, tmp_path):
+    """`--decode device`: the tasks hand over undecoded JPEGs, the actors decode them; rows as the local engine's."""
+    pytest.importorskip("torchvision")
+    from internvit.extract import extract_features
+    from internvit.extract.ray import extract_features_ray
+
+    opts = dict(model=str(tiny_ckpt), dtype="fp32", batch_size=3, max_pixels=1_000_000, tiles="dynamic", max_tiles=4,
+                decode="device", progress=False)
+    local = extract_features([photo_dir], tmp_path / "local.parquet", num_workers=0, **opts)
+    extract_features_ray([photo_dir], tmp_path / "ray", **opts)
+    table = pq.read_table(tmp_path / "ray")
+    assert json.loads(table.schema.metadata[b"internvit"])["jpeg_decoder"] == "device"
+    assert_same_rows(rows_by_path(table), rows_by_path(pq.read_table(local.out)))
+
+
 def test_ray_engine_runs_an_openvino_export(ray_address, tiny_ckpt, photo_dir, tmp_path):
     """The actors load an export folder through the same `_load_encoder`; rows agree with the local torch run."""
     pytest.importorskip("openvino")

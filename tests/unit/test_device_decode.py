@@ -3,7 +3,7 @@
 On a CPU torchvision's `decode_jpeg` is libjpeg-turbo, as Pillow's, so these tests check everything but nvJPEG
 itself: which JPEGs go to the device, the geometry (tiles, thumbnail, the CLIP crop and its zero padding) against
 the exact path's Pillow tiles, the fallback to the CPU path, and an extraction end to end (errors, rows, metadata,
-resume). tests/integration/test_gpu.py runs the nvJPEG path on a GPU.
+resume). tests/integration/test_ray.py runs it on the Ray engine, tests/integration/test_gpu.py with nvJPEG.
 """
 
 from __future__ import annotations
@@ -148,14 +148,6 @@ def test_extract_with_device_decoding(tiny_ckpt, messy_dir, tmp_path, monkeypatc
             assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.999
     with pytest.raises(OutputMismatchError, match="decode"):
         extract_features([root], tmp_path / "device.parquet", num_workers=0, decode="exact", **options)
-
-
-def test_device_decoding_is_the_local_engines(tiny_ckpt, tmp_path):
-    pytest.importorskip("ray")
-    from internvit.extract.ray import extract_features_ray
-
-    with pytest.raises(ValueError, match="local engine only"):
-        extract_features_ray([tmp_path], tmp_path / "out", model=str(tiny_ckpt), decode="device")
 
 
 def test_options_name_the_modes():

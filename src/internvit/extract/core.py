@@ -79,8 +79,8 @@ class ExtractOptions:
         decode: "exact" (Pillow decodes every pixel: the reference) or "fast" (a JPEG at least twice the size it
             is resized to is decoded at 1/2, 1/4 or 1/8 scale by libjpeg; on CUDA with torchvision, JPEGs are
             decoded on the GPU by nvJPEG and resized there, as with "device"; docs/performance.md has the fidelity)
-            or "device" (JPEGs decoded and resized by torchvision on the model's device, nvJPEG on CUDA; local
-            engine; preprocess/device_decode.py).
+            or "device" (JPEGs decoded and resized by torchvision on the model's device, nvJPEG on CUDA;
+            preprocess/device_decode.py).
         allow_tf32: let CUDA run fp32 convolutions and matmuls in TF32 (faster, ~1e-3 off); off by default, so
             fp32 on a GPU matches the CPU.
         compile: `torch.compile` the encoder (torch backend); the first forwards pay the compilation.
@@ -463,8 +463,8 @@ def _processor(ckpt):
     return ImageProcessor()
 
 
-def device_decoding(options: ExtractOptions, loaded: LoadedModel) -> bool:
-    """Whether JPEGs are decoded on the encoder's device: `--decode device`, or `--decode fast` on CUDA with
+def device_decoding(options: ExtractOptions, device: str | torch.device) -> bool:
+    """Whether JPEGs are decoded on the encoder's `device`: `--decode device`, or `--decode fast` on CUDA with
     torchvision installed.
 
     Raises:
@@ -472,7 +472,7 @@ def device_decoding(options: ExtractOptions, loaded: LoadedModel) -> bool:
     """
     if options.decode == "device" and not jpeg_decoder_available():
         raise ValueError("--decode device needs torchvision (pip install torchvision, the build matching torch)")
-    cuda = torch.device(loaded.vit.device).type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     return options.decode == "device" or (options.decode == "fast" and cuda and jpeg_decoder_available())
 
 

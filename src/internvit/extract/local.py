@@ -93,7 +93,7 @@ def extract_features(sources, out: str | os.PathLike, options: ExtractOptions | 
         t_load = time.perf_counter()
         loaded = load_model(options)
         load_seconds = time.perf_counter() - t_load
-        device_decode = device_decoding(options, loaded)
+        device_decode = device_decoding(options, loaded.vit.device)
         schema = output_schema(options, loaded, jpeg_decoder="device" if device_decode else "pillow")
         store = FeatureStore(out, schema, flush_seconds=flush_seconds)
         done = store.finished(include_errors=not options.retry_errors)

@@ -11,8 +11,10 @@ References:
 The pipeline is one streamed Ray Data dataset:
 
     inputs: paths (local folders, globs, list files, remote URIs) and Parquet tables of paths or image bytes
-      -> prepare: open, decode and tile each input            CPU tasks, 1 CPU each (`Prepare`)
-      -> encode:  a fixed pool of actors, one model each       GPU or CPU, fractional CPUs (`RowEncoder`)
+      -> prepare: open, decode and tile each input            CPU tasks, 1 CPU each (`Prepare`; with device
+                                                               decoding a JPEG's header only)
+      -> encode:  a fixed pool of actors, one model each       GPU or CPU, fractional CPUs (`RowEncoder`;
+                                                               device decoding: the JPEGs decoded there first)
       -> write:   a Parquet shard per `rows_per_shard` rows    CPU tasks, each shard written whole, then renamed
 
 The driver only lists the inputs, reads which of them the output already holds, sizes the actor pool from the
@@ -48,6 +50,7 @@ from internvit.extract.core import (
     Item,
     Prepare,
     RowEncoder,
+    device_decoding,
     inspect_model,
     load_model,
     options_from,
@@ -119,13 +122,14 @@ class _Progress:
 class _EncodeActor:
     """One model per actor: a batch of pickled `Item`s -> their rows, as `RowEncoder` makes them for every engine."""
 
-    def __init__(self, *, options: ExtractOptions, threads, schema, progress) -> None:
+    def __init__(self, *, options: ExtractOptions, threads, schema, progress, prepare: Prepare) -> None:
         if threads:
             torch.set_num_threads(threads)
         # Ray hides the GPUs this actor did not ask for: "default" means what it was given.
         loaded = load_model(options, options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder = RowEncoder.for_options(loaded, options)
         self.schema, self.progress = schema, progress
+        self.prepare = prepare if prepare.device_decode else None  # the tasks handed over undecoded JPEGs
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -134,6 +138,8 @@ class _EncodeActor:
         if not items:
             return self.schema.empty_table()
         seconds, tiles = self.encoder.seconds, self.encoder.tiles
+        if self.prepare is not None:
+            self.prepare.decode_on_device(items, self.encoder.device)
         table = pa.Table.from_pydict(self.encoder(items), schema=self.schema)
         self.progress.add.remote(len(items), sum(it.error is not None for it in items),
                                  self.encoder.tiles - tiles, self.encoder.seconds - seconds)
@@ -201,9 +207,6 @@ def extract_features_ray(
     options = options_from(options, fields)
     if isinstance(options.model, torch.nn.Module):
         raise TypeError("the ray engine loads the model in each actor: pass a name or path, not a module")
-    if options.decode == "device":
-        raise ValueError("--decode device: the local engine only (the ray engine decodes in CPU tasks; --decode fast "
-                         "decodes JPEGs there at a reduced scale)")
     out = os.fspath(out)
     with contextlib.ExitStack() as stack:
         if not is_uri(out):  # object stores have no locks: one writer per URI is the user's to keep
@@ -211,7 +214,9 @@ def extract_features_ray(
         start = time.perf_counter()
         loaded = inspect_model(options)  # the driver reads no weights (or makes the cached export once)
         options = dataclasses.replace(options, backend=loaded.backend)  # every actor runs what the driver chose
-        schema = output_schema(options, loaded)
+        # JPEGs decoded by the actors, on their device (the tasks only read headers): as the local engine decides
+        device_decode = device_decoding(options, options.device or ("cuda" if gpus_per_actor else "cpu"))
+        schema = output_schema(options, loaded, jpeg_decoder="device" if device_decode else "pillow")
         config = loaded.vit.config
         if rows_per_shard is None:
             tiles_per_row = max(options.frames, options.max_tiles + 1 if options.tiles == "dynamic" else 1)
@@ -232,7 +237,7 @@ def extract_features_ray(
             tables = [t for t, rows in inputs.tables.items() if any(p not in done for p in rows)]
             actor_options = dataclasses.replace(options, model=os.fspath(options.model))
             _run(by_path, tables, frozenset(done), members=inputs.members, errors=inputs.errors,
-                 prepare=Prepare.for_model(options, loaded),
+                 prepare=Prepare.for_model(options, loaded, device_decode=device_decode),
                  options=actor_options, schema=schema, out=out, summary=summary, address=address,
                  num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                  rows_per_shard=rows_per_shard, path_column=path_column, bytes_column=bytes_column,
@@ -299,7 +304,8 @@ def _run(by_path, tables, done, *, members, errors, prepare, options, schema, ou
             _EncodeActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=pool.num_actors, max_tasks_in_flight_per_actor=in_flight),
             num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
-            fn_constructor_kwargs=dict(options=options, threads=pool.threads, schema=schema, progress=counter),
+            fn_constructor_kwargs=dict(options=options, threads=pool.threads, schema=schema, progress=counter,
+                                       prepare=prepare),
         )
         ds = ds.map_batches(_write_batch, batch_size=rows_per_shard, fn_kwargs={"out": out, "schema": schema},
                             num_cpus=TASK_CPUS, batch_format="pyarrow")
