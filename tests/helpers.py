@@ -134,6 +134,21 @@ def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def official_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official keys -> timm `vit_intern300m_patch14_448` keys (the inverse of `timm_to_official`)."""
+    renamed = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+               "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+               "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    out = {}
+    for k, v in sd.items():
+        if k in renamed:
+            out[renamed[k]] = v
+        else:
+            k = k.replace("encoder.layers.", "blocks.")
+            out[k + ".gamma" if k.endswith((".ls1", ".ls2")) else k] = v
+    return out
+
+
 def timm_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm keys -> transformers `InternVLVisionModel` keys (spec/peers.md §1 and §2 tables, fused qkv split)."""
     out = {}

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import PHOTOS
+from helpers import PHOTOS, official_to_timm
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -94,17 +94,7 @@ def test_extract_matches_independent_pipeline(tiny_ckpt, photo_dir, tmp_path):
             "--workers", "0", "--quiet", check_rc=0)
     rows = {Path(r["path"]).name: r for r in pq.read_table(out).to_pylist()}
 
-    official = load_file(tiny_ckpt / "model.safetensors")
-    to_timm = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-               "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-               "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
-    sd = {}
-    for k, v in official.items():
-        if k in to_timm:
-            sd[to_timm[k]] = v
-        else:
-            k = k.replace("encoder.layers.", "blocks.")
-            sd[k + ".gamma" if k.endswith((".ls1", ".ls2")) else k] = v
+    sd = official_to_timm(load_file(tiny_ckpt / "model.safetensors"))
     vit = timm.create_model("vit_intern300m_patch14_448", pretrained=False, depth=2, embed_dim=64, num_heads=4,
                             mlp_ratio=2, img_size=56).eval()
     vit.load_state_dict(sd, strict=True)
