@@ -301,8 +301,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import internvit
-    from internvit.extract.core import ExtractOptions, Prepare, inspect_model, load_model
-    from internvit.preprocess.device_decode import jpeg_decoder_available
+    from internvit.extract.core import ExtractOptions, Prepare, device_decoding, inspect_model, load_model
     from internvit.weights import init_checkpoint
 
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "images": args.images, "device": args.device,
@@ -338,8 +337,7 @@ def main() -> None:
         decodes = ["exact", *(d for d in args.decode if d != "exact")]
         for tiles, decode in [(tiles, decode) for tiles in args.tiles for decode in decodes]:
             options = dataclasses.replace(base, tiles=tiles, decode=decode)
-            on_device = decode == "device" or (decode == "fast" and args.device.startswith("cuda")
-                                               and jpeg_decoder_available())
+            on_device = device_decoding(options, args.device)
             prepare = Prepare.for_model(options, inspect_model(options), device_decode=on_device)
             log(f"tiles {tiles}, decode {decode}: the loader alone ...")
             loader = loader_alone(paths, prepare, args.workers, args.device)
